@@ -227,3 +227,875 @@ def render_prompt(tok, messages: list[dict]) -> str:
 
 def chat(user: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+def doc_text(title: str, body: str) -> str:
+    return f"{title}\n{body}"
+
+
+def join_sentences(sents: list[str]) -> str:
+    """HotpotQA sentences carry their own leading spaces (joined with ""); 2Wiki's do not."""
+    out = ""
+    for s in sents:
+        if out and not out[-1].isspace() and s and not s[0].isspace():
+            out += " "
+        out += s
+    return out
+
+
+# ----------------------------------------------------------------------------- raw loaders
+# An item is {"id", "source", "question", "answers": [...], "docs": [...]}: the short-context QA unit.
+def _field(rec: Any, key: str, where: str, types: type | tuple = object) -> Any:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object, got {type(rec).__name__}")
+    if key not in rec or rec[key] is None:
+        raise DataError(f"{where}: missing field {key!r}")
+    if not isinstance(rec[key], types):
+        raise DataError(f"{where}: field {key!r} has type {type(rec[key]).__name__}")
+    return rec[key]
+
+
+def _hotpot_docs(ctx: Any, where: str) -> list[str]:
+    if isinstance(ctx, dict):  # mirrors' dict-of-lists shape: {"title": [...], "sentences": [[...]]}
+        titles, sents = ctx.get("title"), ctx.get("sentences")
+        if not isinstance(titles, list) or not isinstance(sents, list) or len(titles) != len(sents):
+            raise DataError(f"{where}: context dict needs equal-length 'title' and 'sentences' lists")
+        pairs = list(zip(titles, sents))
+    elif isinstance(ctx, list):
+        pairs = ctx
+    else:
+        raise DataError(f"{where}: context must be a list of [title, sentences] or a dict of lists")
+    docs = []
+    for j, p in enumerate(pairs):
+        if not (isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) and isinstance(p[1], list)
+                and all(isinstance(s, str) for s in p[1])):
+            raise DataError(f"{where}: context[{j}] is not a [title, [sentences]] pair")
+        docs.append(doc_text(p[0], join_sentences(p[1])))
+    return docs
+
+
+def guess_format(rec: Any) -> str:
+    if isinstance(rec, dict):
+        if "paragraphs" in rec:
+            return "musique"
+        if "data_source" in rec and "prompt" in rec:
+            return "verl"
+        if "Problem" in rec and "options" in rec:
+            return "mathqa"
+        if "docs" in rec and "question" in rec:
+            return "items"
+        if {"input", "context", "answers"} <= rec.keys():
+            return "longbench"
+        if "context" in rec and "question" in rec:
+            return "hotpotqa"  # 2Wiki has the same shape
+    raise DataError(f"cannot tell the format of record with keys {sorted(rec) if isinstance(rec, dict) else rec!r}")
+
+
+def guess_source(path: str) -> str:
+    name = Path(path).name.lower()
+    for key, src in (("hotpot", "hotpotqa"), ("2wiki", "2wiki"), ("musique", "musique"), ("dapo", "dapo"),
+                     ("mathqa", "mathqa")):
+        if key in name:
+            return src
+    return Path(path).name.split(".")[0]
+
+
+def load_items(path: str, fmt: str = "auto", source: str = "") -> tuple[list[dict], dict]:
+    """Raw QA file -> items. Returns (items, skip counts). Malformed records raise DataError(file, record)."""
+    source = source or guess_source(path)
+    items, skips = [], {}
+    for i, rec in read_records(path):
+        where = f"{path}: record {i}"
+        f = fmt if fmt != "auto" else guess_format(rec)
+        if f in ("hotpotqa", "2wiki"):
+            rid = rec.get("_id", rec.get("id")) if isinstance(rec, dict) else None
+            q, a = _field(rec, "question", where, str), _field(rec, "answer", where, str)
+            item = {"id": str(rid if rid is not None else i), "question": q, "answers": [a],
+                    "docs": _hotpot_docs(_field(rec, "context", where), where)}
+        elif f == "musique":
+            if not _field(rec, "answerable", where, bool):
+                skips["unanswerable"] = skips.get("unanswerable", 0) + 1
+                continue
+            paras = _field(rec, "paragraphs", where, list)
+            docs = []
+            for j, p in enumerate(paras):
+                docs.append(doc_text(_field(p, "title", f"{where} paragraph {j}", str),
+                                     _field(p, "paragraph_text", f"{where} paragraph {j}", str)))
+            aliases = rec.get("answer_aliases") or []
+            item = {"id": str(_field(rec, "id", where)), "question": _field(rec, "question", where, str),
+                    "answers": [_field(rec, "answer", where, str)] + [x for x in aliases if isinstance(x, str)],
+                    "docs": docs}
+        elif f == "longbench":
+            ans = _field(rec, "answers", where, list)
+            item = {"id": str(rec.get("_id", i)), "question": _field(rec, "input", where, str),
+                    "answers": [str(x) for x in ans], "docs": [_field(rec, "context", where, str)]}
+            source = source if source != guess_source(path) else rec.get("dataset", source)
+        elif f == "items":
+            item = {k: _field(rec, k, where) for k in ("id", "question", "answers", "docs")}
+            source = rec.get("source", source)
+        else:
+            raise DataError(f"{where}: format {f!r} holds rows, not QA items (use --kind=math/choice or verl input)")
+        if not item["question"].strip() or not any(a.strip() for a in item["answers"]) or not item["docs"]:
+            raise DataError(f"{where}: empty question, answer or context")
+        item["source"] = source
+        items.append(item)
+    return items, skips
+
+
+DAPO_WRAP = re.compile(r"^Solve the following math problem step by step\..*?\n\n(.*)\n\nRemember to put your answer "
+                       r"on its own line after \"Answer:\"\.?\s*$", re.S)
+CHOICE_RE = re.compile(r"([a-e])\s*\)\s*(.*?)\s*(?=,\s*[a-e]\s*\)|$)", re.S)
+
+
+def verl_kind(data_source: str, text: str) -> str:
+    """The released verl parquet names each row's origin in data_source; map it to our row kinds."""
+    ds = data_source.lower()
+    if "keychain" in ds or "consecutive chain of key:value" in text:
+        return "keychain"
+    if "mathqa" in ds or "choice" in ds:
+        return "choice"
+    if "ruler" in ds or "niah" in ds or "special magic" in text:
+        return "ruler"
+    if "math" in ds or "dapo" in ds or "aime" in ds or "gsm" in ds:
+        return "math"
+    if any(s in ds for s in ("hotpot", "musique", "2wiki", "wiki", "qa")):
+        return "qa"
+    raise DataError(f"unknown data_source {data_source!r}")
+
+
+def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
+    """Files that already are single-turn tasks (verl parquet incl. DAPO-Math-17k, MathQA) -> our rows."""
+    rows = []
+    for i, rec in read_records(path):
+        where = f"{path}: record {i}"
+        f = fmt if fmt != "auto" else guess_format(rec)
+        if f in ("verl", "dapo"):
+            prompt = _field(rec, "prompt", where, list)
+            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+                raise DataError(f"{where}: 'prompt' must be a non-empty list of chat messages")
+            gt = _field(_field(rec, "reward_model", where, dict), "ground_truth", where)
+            answers = [str(g) for g in gt] if isinstance(gt, (list, tuple)) else [str(gt)]
+            ds = str(_field(rec, "data_source", where))
+            try:
+                kind = verl_kind(ds, prompt[-1]["content"])
+            except DataError as e:
+                raise DataError(f"{where}: {e}") from None
+            msgs = [{"role": m.get("role", "user"), "content": m["content"]} for m in prompt]
+            if kind == "math" and len(msgs) == 1 and (m := DAPO_WRAP.match(msgs[0]["content"])):
+                msgs = chat(m.group(1))  # DAPO's "Answer:" wrapper -> our system prompt's boxed answer
+            elif msgs[0]["role"] != "system":
+                msgs = [{"role": "system", "content": SYSTEM_PROMPT}] + msgs
+            extra = rec.get("extra_info") or {}
+            row = {"id": str(extra.get("index", i)) if isinstance(extra, dict) else str(i), "source": source or ds,
+                   "kind": kind, "messages": msgs, "answers": answers}
+            if kind == "keychain" and isinstance(extra, dict):
+                row.update({k: extra[k] for k in ("start_key", "question") if k in extra})
+        elif f == "mathqa":
+            problem, opts = _field(rec, "Problem", where, str), _field(rec, "options", where, (str, list))
+            opts = ", ".join(opts) if isinstance(opts, list) else opts
+            choices = CHOICE_RE.findall(opts)
+            letter = _field(rec, "correct", where, str).strip().lower()
+            if len(choices) < 2 or letter not in [c for c, _ in choices]:
+                raise DataError(f"{where}: options {opts!r} or correct {letter!r} not parseable")
+            text = "\n".join(f"({c.upper()}) {t}" for c, t in choices)
+            row = {"id": str(rec.get("id", i)), "source": source or "mathqa", "kind": "choice",
+                   "messages": chat(CHOICE_PROMPT.format(problem=problem.strip(), choices=text)),
+                   "answers": [letter.upper()]}
+        else:
+            raise DataError(f"{where}: format {f!r} holds QA items; use --kind=keychain/qa")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- procedural raw data
+# A fictional world (people, cities, countries, films, companies) whose encyclopedia paragraphs and
+# multi-hop questions come out in the raw formats of HotpotQA, 2WikiMultihopQA and MuSiQue.
+SYL = ["ka", "lo", "mi", "ra", "ven", "tor", "sel", "dun", "bri", "mar", "qui", "zel", "oph", "ari", "ne", "gal",
+       "tes", "vor", "lin", "cas", "dre", "hu", "pol", "wyn", "ist", "ber", "ul", "fen", "rho", "sa"]
+LORE = ["{n} was discussed at length in the {adj} press during the {dec}s.",
+        "Historians describe {n} as {adj} and unusually well documented.",
+        "Several archives hold letters that mention {n} in passing.",
+        "A {adj} exhibition about {n} toured for {k} years.",
+        "Local guides still tell a {adj} story about {n}.",
+        "The name {n} appears in {k} regional almanacs.",
+        "Critics called the legacy of {n} {adj} but uneven.",
+        "In the {dec}s a society devoted to {n} published {k} bulletins."]
+ADJ = ["remarkable", "quiet", "controversial", "celebrated", "obscure", "lively", "austere", "curious"]
+
+
+def _name(rng: random.Random, used: set, parts: int) -> str:
+    while True:
+        n = " ".join("".join(rng.choice(SYL) for _ in range(rng.randint(2, 3))).capitalize() for _ in range(parts))
+        if n not in used:
+            used.add(n)
+            return n
+
+
+def _world(rng: random.Random, n: int) -> dict:
+    used: set = set()
+    # big enough that even a small dataset's pool fills a 16K-token context with distinct documents
+    W: dict = {"country": [_name(rng, used, 1) for _ in range(max(16, n // 40))]}
+    W["city"] = [_name(rng, used, 1) + " City" for _ in range(max(60, n // 4))]
+    W["person"] = [_name(rng, used, 2) for _ in range(max(200, n))]
+    W["company"] = [_name(rng, used, 1) + " " + rng.choice(["Pictures", "Studios", "Films"]) for _ in range(max(60, n // 3))]
+    W["film"] = ["The " + _name(rng, used, 1) for _ in range(max(200, n))]
+    W["in_country"] = {c: rng.choice(W["country"]) for c in W["city"]}
+    W["born_in"] = {p: rng.choice(W["city"]) for p in W["person"]}
+    W["born_year"] = {p: rng.randint(1900, 1990) for p in W["person"]}
+    W["founder"] = {c: rng.choice(W["person"]) for c in W["company"]}
+    W["director"] = {f: rng.choice(W["person"]) for f in W["film"]}
+    W["producer"] = {f: rng.choice(W["company"]) for f in W["film"]}
+    W["year"] = {f: rng.randint(1930, 2020) for f in W["film"]}
+    return W
+
+
+def _facts(W: dict, e: str) -> list[str]:
+    if e in W["in_country"]:
+        return [f"{e} is a city in {W['in_country'][e]}.", f"It is one of the larger settlements of {W['in_country'][e]}."]
+    if e in W["born_in"]:
+        return [f"{e} (born {W['born_year'][e]}) is a filmmaker.", f"{e} was born in {W['born_in'][e]}."]
+    if e in W["founder"]:
+        return [f"{e} is a production company.", f"It was founded by {W['founder'][e]}."]
+    if e in W["director"]:
+        return [f"{e} is a film released in {W['year'][e]}.", f"It was directed by {W['director'][e]}.",
+                f"It was produced by {W['producer'][e]}."]
+    return [f"{e} is a country."]
+
+
+def _paragraph(W: dict, e: str, rng: random.Random) -> list[str]:
+    lore = [t.format(n=e, adj=rng.choice(ADJ), dec=rng.randrange(1900, 2000, 10), k=rng.randint(2, 9))
+            for t in rng.sample(LORE, rng.randint(1, 3))]
+    return _facts(W, e) + lore
+
+
+def _question(W: dict, rng: random.Random) -> tuple[str, str, list[str], str, list[str]]:
+    """(question, answer, supporting entities in hop order, type, sub-questions)."""
+    f = rng.choice(W["film"])
+    d, c = W["director"][f], W["producer"][f]
+    kind = rng.choice(["bridge2", "bridge3", "bridge4", "cmp_year", "cmp_country"])
+    if kind == "bridge2":
+        return (f"In which city was the director of {f} born?", W["born_in"][d], [f, d], "bridge",
+                [f"Who directed {f}?", f"Where was {d} born?"])
+    if kind == "bridge3":
+        city = W["born_in"][d]
+        return (f"In which country was the director of {f} born?", W["in_country"][city], [f, d, city], "bridge",
+                [f"Who directed {f}?", f"Where was {d} born?", f"Which country is {city} in?"])
+    if kind == "bridge4":
+        p = W["founder"][c]
+        city = W["born_in"][p]
+        return (f"In which country was the founder of the company that produced {f} born?", W["in_country"][city],
+                [f, c, p, city], "bridge", [f"Which company produced {f}?", f"Who founded {c}?",
+                                            f"Where was {p} born?", f"Which country is {city} in?"])
+    a, b = rng.sample(W["person"], 2)
+    if kind == "cmp_year" and W["born_year"][a] != W["born_year"][b]:
+        first = a if W["born_year"][a] < W["born_year"][b] else b
+        return (f"Who was born first, {a} or {b}?", first, [a, b], "comparison",
+                [f"When was {a} born?", f"When was {b} born?"])
+    same = W["in_country"][W["born_in"][a]] == W["in_country"][W["born_in"][b]]
+    return (f"Were {a} and {b} born in the same country?", "yes" if same else "no",
+            [a, b, W["born_in"][a], W["born_in"][b]], "comparison", [f"Where was {a} born?", f"Where was {b} born?"])
+
+
+def generate_raw(out_dir: str, n: int = 200, seed: int = 0) -> dict[str, str]:
+    """Write hotpotqa.json, 2wiki.json, musique.jsonl, dapo.jsonl and mathqa.json; return their paths."""
+    rng = random.Random(seed)
+    W = _world(rng, n)
+    ents = W["country"] + W["city"] + W["person"] + W["company"] + W["film"]
+    paras = {e: _paragraph(W, e, rng) for e in ents}
+    hotpot, wiki, musique = [], [], []
+    for i in range(n):
+        q, a, sup, qtype, subs = _question(W, rng)
+        sup = list(dict.fromkeys(sup))
+        dis = [e for e in rng.sample(ents, 24) if e not in sup]
+        ctx = sup + dis[: 10 - len(sup)]
+        rng.shuffle(ctx)
+        hotpot.append({"_id": f"hp{i:06d}", "question": q, "answer": a, "type": qtype, "level": "hard",
+                       "supporting_facts": [[e, 1] for e in sup],
+                       "context": [[e, [paras[e][0]] + [" " + s for s in paras[e][1:]]] for e in ctx]})
+        wiki.append({"_id": f"wk{i:06d}", "question": q, "answer": a,
+                     "type": "compositional" if qtype == "bridge" else "comparison",
+                     "supporting_facts": [[e, 1] for e in sup], "evidences": [],
+                     "context": [[e, paras[e]] for e in ctx]})
+        mctx = sup + dis[: 20 - len(sup)]
+        rng.shuffle(mctx)
+        musique.append({"id": f"{len(subs)}hop__{i}", "question": q, "answer": a,
+                        "answer_aliases": [a.upper()] if a not in ("yes", "no") else [],
+                        "answerable": i % 6 != 5,  # MuSiQue ships unanswerable twins; the loader drops them
+                        "question_decomposition": [{"id": j, "question": s} for j, s in enumerate(subs)],
+                        "paragraphs": [{"idx": j, "title": e, "paragraph_text": " ".join(paras[e]),
+                                        "is_supporting": e in sup} for j, e in enumerate(mctx)]})
+    dapo, mathqa = [], []
+    for i in range(max(8, n // 4)):
+        x, y, z = rng.randint(2, 60), rng.randint(2, 60), rng.randint(2, 9)
+        problem = f"A crate holds {x} apples and another holds {y}. Each apple is cut into {z} slices. How many slices are there?"
+        dapo.append({"data_source": "math_dapo", "ability": "MATH", "extra_info": {"index": f"dapo{i}"},
+                     "prompt": [{"role": "user", "content": "Solve the following math problem step by step. The last "
+                                 "line of your response should be of the form Answer: $Answer (without quotes) where "
+                                 f"$Answer is the answer to the problem.\n\n{problem}\n\nRemember to put your answer on "
+                                 "its own line after \"Answer:\"."}],
+                     "reward_model": {"style": "rule-lighteval/MATH_v2", "ground_truth": str((x + y) * z)}})
+        right = x * z
+        opts = sorted({right, right + z, right - 1, right + 2 * y, x + z}, key=lambda v: rng.random())[:5]
+        while len(opts) < 5:
+            opts.append(right + 100 + len(opts))
+        letter = "abcde"[opts.index(right)]
+        mathqa.append({"Problem": f"a box has {x} rows of {z} tiles . how many tiles are there ?",
+                       "Rationale": f"\"{x} * {z} = {right}\"", "correct": letter, "category": "general",
+                       "options": " , ".join(f"{c} ) {v}" for c, v in zip("abcde", opts)),
+                       "annotated_formula": f"multiply({x}, {z})", "linear_formula": f"multiply(n0,n1)|"})
+    paths = {}
+    for name, data in (("hotpotqa.json", hotpot), ("2wiki.json", wiki), ("musique.jsonl", musique),
+                       ("dapo.jsonl", dapo), ("mathqa.json", mathqa)):
+        p = str(Path(out_dir) / name)
+        if name.endswith(".jsonl"):
+            write_rows(p, data)
+        else:
+            atomic_write(p, lambda tmp, d=data: tmp.write_text(json.dumps(d, ensure_ascii=False), encoding="utf-8"))
+        paths[name.split(".")[0]] = p
+    return paths
+
+
+# ----------------------------------------------------------------------------- context filling
+def count_tokens(tok, texts: list[str]) -> list[int]:
+    """Token counts of many texts in one batched (Rust-parallel) tokenizer call."""
+    return [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+class Pool:
+    """The deduplicated documents of one dataset, each tokenized exactly once, plus its questions."""
+
+    def __init__(self, tok, items: list[dict], chunk: int = 2048):
+        from tqdm import tqdm
+
+        self.docs = list(dict.fromkeys(d for it in items for d in it["docs"]))
+        self.index = {d: i for i, d in enumerate(self.docs)}
+        self.ntok: list[int] = []
+        for s in tqdm(range(0, len(self.docs), chunk), desc="tokenize pool", unit="chunk", leave=False,
+                      disable=len(self.docs) <= chunk):
+            self.ntok += count_tokens(tok, self.docs[s:s + chunk])
+        self.order = sorted(range(len(self.docs)), key=lambda j: self.ntok[j])  # by cost, to top up the tail
+        self.sorted_ntok = [self.ntok[j] for j in self.order]
+        self.questions = list(dict.fromkeys(it["question"] for it in items))
+        self.tok, self.sep, self.headers = tok, 0.0, [0.0]
+        # what joining with "\n\n" really costs per passage (".\n\n" is one token in Qwen's BPE), measured once
+        sample = random.Random(0).sample(self.docs, min(len(self.docs), 200))
+        if len(sample) > 1:
+            alone = sum(self.ntok[self.index[d]] for d in sample) + sum(self.header(i + 1) for i in range(len(sample)))
+            self.sep, self.headers = (count_tokens(tok, [passages(sample)])[0] - alone) / (len(sample) - 1), [0.0]
+
+    def header(self, i: int) -> float:
+        """Tokens of the "Passage i:\n" header plus its separator (digits may tokenize one by one)."""
+        while len(self.headers) <= i:
+            nxt = range(len(self.headers), len(self.headers) + 256)
+            self.headers += [c + self.sep for c in count_tokens(self.tok, [f"Passage {k}:\n" for k in nxt])]
+        return self.headers[i]
+
+
+def fill_context(item: dict, pool: Pool, budget: int, rng: random.Random, placement: str = "shuffle") -> list[str] | None:
+    """Core documents + random fillers (never the item's own) whose estimated tokens fit `budget`.
+
+    Returns the passages in order, or None when the core documents alone do not fit.
+    """
+    import bisect
+
+    core = list(dict.fromkeys(pool.index[d] for d in item["docs"]))
+    used = sum(pool.ntok[j] + pool.header(i + 1) for i, j in enumerate(core))
+    if used > budget:
+        return None
+    taken, fillers, misses = set(core), [], 0
+    while True:
+        head = pool.header(len(taken) + 1)  # passage numbers 1..n cost the same in any order
+        k = bisect.bisect_right(pool.sorted_ntok, budget - used - head)  # only documents that still fit
+        if k == 0:
+            break
+        j = pool.order[rng.randrange(k)]
+        if j in taken:
+            misses += 1
+            if misses < 8:
+                continue
+            free = [j for j in pool.order[:k] if j not in taken]  # small pool nearly used up: scan once
+            if not free:
+                break
+            j = rng.choice(free)
+        misses = 0
+        taken.add(j)
+        fillers.append(j)
+        used += pool.ntok[j] + head
+    n = len(core) + len(fillers)
+    slots: list[int | None] = [None] * n
+    if placement == "middle":  # truncated Gaussian around the middle, sigma 0.30 of the range, |z| <= 0.95
+        for j in core:
+            z = max(-0.95, min(0.95, rng.gauss(0.0, 0.30)))
+            pos = round((z + 1) / 2 * (n - 1))
+            free = min((p for p in range(n) if slots[p] is None), key=lambda p: (abs(p - pos), p))
+            slots[free] = j
+        rest = fillers[:]
+        rng.shuffle(rest)
+        it = iter(rest)
+        slots = [s if s is not None else next(it) for s in slots]
+    elif placement == "shuffle":
+        slots = core + fillers
+        rng.shuffle(slots)
+    else:
+        raise ValueError(f"placement must be shuffle or middle, got {placement!r}")
+    return [pool.docs[j] for j in slots]
+
+
+def passages(docs: list[str]) -> str:
+    return "\n\n".join(f"Passage {i + 1}:\n{d}" for i, d in enumerate(docs))
+
+
+# ----------------------------------------------------------------------------- KeyChain
+KEY_RE = r"[0-9a-f]{8}(?:-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})?"
+PAIR_RE = re.compile(r'( ?)\{"(' + KEY_RE + r')": ("(?:[^"\\]|\\.)*")\}\.')
+BOUNDARY_RE = re.compile(r"[.?](?=\s|$)|\n")
+
+
+def new_key(rng: random.Random, style: str) -> str:
+    k = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    return k if style == "uuid" else k[:8]
+
+
+def pair_text(key: str, value: str) -> str:
+    return "{" + json.dumps(key) + ": " + json.dumps(value, ensure_ascii=False) + "}."
+
+
+def make_chains(rng: random.Random, questions: list[str], hops: int, style: str) -> tuple[str, list[tuple[str, str]]]:
+    """One chain per question (the first is the real one): key1->key2 ... key_h->question. Keys never repeat."""
+    seen: set = set()
+    pairs, start = [], ""
+    for c, q in enumerate(questions):
+        keys = []
+        while len(keys) < hops:
+            k = new_key(rng, style)
+            if k not in seen:
+                seen.add(k)
+                keys.append(k)
+        start = start or keys[0]
+        pairs += list(zip(keys, keys[1:] + [q]))
+    return start, pairs
+
+
+def insert_pairs(context: str, pairs: list[tuple[str, str]], rng: random.Random) -> str | None:
+    """Shuffle the pairs into distinct random sentence boundaries (after '.', '?' or a newline)."""
+    bounds = [m.end() for m in BOUNDARY_RE.finditer(context)]
+    if len(bounds) < len(pairs):
+        return None
+    order = pairs[:]
+    rng.shuffle(order)
+    at = sorted(rng.sample(bounds, len(order)))
+    out, prev = [], 0
+    for pos, (k, v) in zip(at, order):
+        out.append(context[prev:pos])
+        # a space after '.'/'?'; after a newline the pair gets its own line
+        out.append(pair_text(k, v) + "\n" if context[pos - 1] == "\n" else " " + pair_text(k, v))
+        prev = pos
+    out.append(context[prev:])
+    return "".join(out)
+
+
+def parse_pairs(text: str) -> tuple[str, list[tuple[str, str, int]]]:
+    """Inverse of insert_pairs: (text without pairs, [(key, value, offset in that text)])."""
+    out, pairs, prev = [], [], 0
+    stripped_len = 0
+    for m in PAIR_RE.finditer(text):
+        space, key, val = m.group(1), m.group(2), json.loads(m.group(3))
+        end = m.end()
+        if not space and text[end:end + 1] == "\n":
+            end += 1
+        out.append(text[prev:m.start()])
+        stripped_len += m.start() - prev
+        pairs.append((key, val, stripped_len))
+        prev = end
+    out.append(text[prev:])
+    return "".join(out), pairs
+
+
+def norm_q(q: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", q.lower()).split())
+
+
+class Budget:
+    """Token-cost estimates for the parts of a prompt that are not tokenized before the final exact pass.
+
+    Pair costs are calibrated once on random keys; questions and documents are tokenized once each.
+    The final prompt is always tokenized exactly; an estimate that overshoots L only costs a rebuild.
+    """
+
+    def __init__(self, tok, pool: Pool, style: str, seed: int = 0):
+        rng = random.Random(f"calibrate/{seed}")
+        qs = pool.questions
+        self.qtok = dict(zip(qs, count_tokens(tok, qs)))
+        keys = [new_key(rng, style) for _ in range(257)]
+        kk = count_tokens(tok, [" " + pair_text(a, b) for a, b in zip(keys, keys[1:])])
+        sample = [rng.choice(qs) for _ in range(64)]
+        kq = [c - self.qtok[q] for c, q in zip(count_tokens(tok, [" " + pair_text(k, q) for k, q in zip(keys, sample)]), sample)]
+        self.kk, self.kk_var = _mean_var(kk)
+        self.kq, self.kq_var = _mean_var(kq)
+        self.q_mean = sum(self.qtok.values()) / len(self.qtok)
+
+    def pairs(self, questions: list[str], hops: int) -> int:
+        n_kk, n_kq = len(questions) * (hops - 1), len(questions)
+        sd = math.sqrt(n_kk * self.kk_var + n_kq * self.kq_var)
+        return math.ceil(n_kk * self.kk + n_kq * self.kq + sum(self.qtok[q] for q in questions) + 4 * sd + 4)
+
+    def chains_for(self, room: int, per_1k: float, hops: int) -> int:
+        """Chains for `room` tokens, at `per_1k` chains per 1,024 tokens of passage text around them."""
+        per_chain = (hops - 1) * self.kk + self.kq + self.q_mean
+        docs = room / (1 + per_1k * per_chain / 1024)
+        return max(1, round(per_1k * docs / 1024))
+
+
+def _mean_var(xs: list[int]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, sum((x - m) ** 2 for x in xs) / len(xs)
+
+
+def prompt_tokens(tok, user: str) -> int:
+    return count_tokens(tok, [render_prompt(tok, chat(user))])[0]
+
+
+def build_row(item: dict, kind: str, pool: Pool, budget: Budget, tok, cfg: Config, slack: int = 0) -> tuple[dict | None, str]:
+    """One keychain/qa row whose estimated prompt fits cfg.max_tokens - slack, or (None, skip reason)."""
+    rng = random.Random(f"{cfg.seed}/{item['source']}/{kind}/{item['id']}")
+    L, q = cfg.max_tokens - slack, item["question"]
+    row = {"id": f"{item['source']}-{kind}-{item['id']}", "source": item["source"], "kind": kind,
+           "answers": item["answers"], "question": q, "max_tokens": cfg.max_tokens}
+    if kind == "qa":
+        room = L - prompt_tokens(tok, QA_PROMPT.format(context="", question=q))
+        docs = fill_context(item, pool, room, rng, cfg.placement)
+        if docs is None:
+            return None, "core documents exceed the budget"
+        row["messages"] = chat(QA_PROMPT.format(context=passages(docs), question=q))
+        return row, ""
+    probe = KEYCHAIN_PROMPT.format(context="", start_key=new_key(random.Random(0), cfg.key_style))
+    room = L - prompt_tokens(tok, probe) - 2
+    n_chains = budget.chains_for(room, cfg.chains_per_1k, cfg.hops)
+    real = norm_q(q)
+    cands = [x for x in pool.questions if norm_q(x) != real]
+    if len(cands) < n_chains - 1:
+        return None, "too few distractor questions"
+    distract = rng.sample(cands, n_chains - 1)
+    if len({norm_q(x) for x in distract}) < len(distract):  # duplicates under normalization: redraw once uniquely
+        distract = list({norm_q(x): x for x in cands}.values())
+        if len(distract) < n_chains - 1:
+            return None, "too few distractor questions"
+        distract = rng.sample(distract, n_chains - 1)
+    start, pairs = make_chains(rng, [q] + distract, cfg.hops, cfg.key_style)
+    docs = fill_context(item, pool, room - budget.pairs([q] + distract, cfg.hops), rng, cfg.placement)
+    if docs is None:
+        return None, "core documents and chains exceed the budget"
+    ctx = insert_pairs(passages(docs), pairs, rng)
+    if ctx is None:
+        return None, "fewer sentence boundaries than pairs"
+    row["messages"] = chat(KEYCHAIN_PROMPT.format(context=ctx, start_key=start))
+    row.update(start_key=start, distractor_questions=distract, chains=n_chains, hops=cfg.hops)
+    return row, ""
+
+
+# ----------------------------------------------------------------------------- RULER-style needles
+WORDS = ["amber", "brisk", "cobalt", "dusky", "eager", "fabled", "gentle", "hollow", "ivory", "jagged", "keen",
+         "lunar", "mellow", "nimble", "opal", "placid", "quartz", "russet", "silent", "tawny", "umber", "vivid",
+         "woolen", "zesty"]
+NOUNS = ["harbor", "lantern", "meadow", "orchard", "pebble", "quill", "river", "saddle", "thistle", "valley",
+         "willow", "anchor", "beacon", "canyon", "ember", "falcon", "garnet", "heron", "islet", "juniper"]
+
+
+def haystack_sentences(path: str = "", seed: int = 0, n: int = 4000) -> list[str]:
+    """Sentences of a user's text file (a book), or a built-in synthetic haystack."""
+    if path:
+        text = " ".join(Path(path).read_text(encoding="utf-8", errors="replace").split())
+        sents = [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
+        if len(sents) < 10:
+            raise DataError(f"{path}: a haystack needs at least 10 sentences, found {len(sents)}")
+        return sents
+    rng = random.Random(f"haystack/{seed}")
+    return [f"The {rng.choice(WORDS)} {rng.choice(NOUNS)} {rng.choice(['rests', 'waits', 'glows', 'drifts', 'hums'])} "
+            f"{rng.choice(['near', 'beyond', 'under', 'beside'])} the {rng.choice(WORDS)} {rng.choice(NOUNS)}."
+            for _ in range(n)]
+
+
+def ruler_row(i: int, sents: list[str], sent_tok: list[int], tok, cfg: Config, slack: int = 0) -> tuple[dict | None, str]:
+    rng = random.Random(f"{cfg.seed}/ruler/{i}")
+    mode = cfg.ruler_mode if cfg.ruler_mode != "mix" else ("multikey", "multivalue")[i % 2]
+    keys = set()
+    while len(keys) < (cfg.needles if mode == "multikey" else 1):
+        keys.add(f"{rng.choice(WORDS)}-{rng.choice(NOUNS)}")
+    keys = sorted(keys)
+    rng.shuffle(keys)
+    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in range(cfg.needles)]
+    needles = [RULER_NEEDLE.format(type_v="numbers", key=keys[j % len(keys)], value=v) for j, v in enumerate(values)]
+    query, answers = keys[0], values[:1] if mode == "multikey" else values
+    room = (cfg.max_tokens - slack - prompt_tokens(tok, RULER_PROMPT.format(type_v="numbers", context="", query=query))
+            - sum(count_tokens(tok, [" " + s for s in needles])) - 4)
+    hay, used, j = [], 0, rng.randrange(len(sents))
+    while len(hay) < len(sents) and used + sent_tok[j] <= room:
+        hay.append(sents[j])
+        used += sent_tok[j]
+        j = (j + 1) % len(sents)
+    if len(hay) < 2:
+        return None, "haystack budget too small"
+    at = sorted(rng.sample(range(len(hay) + 1), len(needles)))
+    for k, (pos, nd) in enumerate(zip(reversed(at), reversed(needles))):
+        hay.insert(pos, nd)
+    depths = [round(hay.index(nd) / (len(hay) - 1), 4) for nd in needles]
+    row = {"id": f"ruler-{mode}-{i}", "source": "ruler", "kind": "ruler", "answers": answers, "mode": mode,
+           "query": query, "depths": depths, "max_tokens": cfg.max_tokens,
+           "messages": chat(RULER_PROMPT.format(type_v="numbers", context=" ".join(hay), query=query))}
+    return row, ""
+
+
+# ----------------------------------------------------------------------------- the synth driver
+def finalize(rows: list[tuple[dict, Any]], tok, cfg: Config, rebuild, stats: dict) -> list[dict]:
+    """Exact pass: tokenize each final prompt once (batched); rebuild the rare row whose estimate overshot L."""
+    out = []
+    counts = count_tokens(tok, [render_prompt(tok, r["messages"]) for r, _ in rows])
+    for (row, key), n in zip(rows, counts):
+        slack = 0
+        for _ in range(4):
+            if n <= cfg.max_tokens:
+                break
+            slack += n - cfg.max_tokens + 8
+            stats["rebuilt"] = stats.get("rebuilt", 0) + 1
+            row, why = rebuild(key, slack)
+            if row is None:
+                break
+            n = prompt_tokens_msgs(tok, row["messages"])
+        if row is None or n > cfg.max_tokens:
+            stats["skip: over budget after rebuilds"] = stats.get("skip: over budget after rebuilds", 0) + 1
+            continue
+        row["num_tokens"] = n
+        out.append(row)
+    return out
+
+
+def prompt_tokens_msgs(tok, messages: list[dict]) -> int:
+    return count_tokens(tok, [render_prompt(tok, messages)])[0]
+
+
+def synth(cfg: Config, tok) -> tuple[list[dict], dict]:
+    """Rows of cfg.kind from cfg.input (comma separated files, one pool per file). Returns (rows, stats)."""
+    stats: dict = {}
+    rows: list[dict] = []
+    if cfg.kind in ("math", "choice"):
+        for path in filter(None, cfg.input.split(",")):
+            for r in load_rows(path, cfg.format, cfg.source):
+                n = prompt_tokens_msgs(tok, r["messages"])
+                if n > cfg.max_tokens:
+                    stats["skip: over budget"] = stats.get("skip: over budget", 0) + 1
+                    continue
+                rows.append({**r, "num_tokens": n, "max_tokens": cfg.max_tokens})
+        if cfg.n:
+            rows = random.Random(cfg.seed).sample(rows, min(cfg.n, len(rows)))
+        return rows, stats
+    if cfg.kind == "ruler":
+        sents = haystack_sentences(cfg.haystack, cfg.seed)
+        sent_tok = count_tokens(tok, [" " + s for s in sents])
+        build = lambda i, slack=0: ruler_row(i, sents, sent_tok, tok, cfg, slack)  # noqa: E731
+        return _run(list(range(cfg.n or 64)), build, tok, cfg, stats), stats
+    if cfg.kind not in ("keychain", "qa"):
+        raise SystemExit(f"--kind must be one of {KINDS}, got {cfg.kind!r}")
+    for path in filter(None, cfg.input.split(",")):
+        items, skips = load_items(path, cfg.format, cfg.source)
+        for k, v in skips.items():
+            stats[f"skip: {k}"] = stats.get(f"skip: {k}", 0) + v
+        pool = Pool(tok, items)
+        budget = Budget(tok, pool, cfg.key_style, cfg.seed) if cfg.kind == "keychain" else None
+        sel = items
+        if cfg.n and cfg.n < len(items):
+            sel = random.Random(f"{cfg.seed}/select/{path}").sample(items, cfg.n)
+        build = lambda it, slack=0, pool=pool, budget=budget: build_row(it, cfg.kind, pool, budget, tok, cfg, slack)  # noqa: E731
+        rows += _run(sel, build, tok, cfg, stats, desc=Path(path).name)
+    return rows, stats
+
+
+def _run(jobs: list, build, tok, cfg: Config, stats: dict, desc: str = "ruler") -> list[dict]:
+    from tqdm import tqdm
+
+    out, pending = [], []
+    for job in tqdm(jobs, desc=f"{cfg.kind} {desc}", unit="row", dynamic_ncols=True):
+        row, why = build(job)
+        if row is None:
+            stats[f"skip: {why}"] = stats.get(f"skip: {why}", 0) + 1
+            continue
+        pending.append((row, job))
+        if len(pending) >= cfg.batch:
+            out += finalize(pending, tok, cfg, build, stats)
+            pending = []
+    return out + finalize(pending, tok, cfg, build, stats)
+
+
+def summarize(rows: list[dict], stats: dict) -> str:
+    by: dict = {}
+    for r in rows:
+        by.setdefault((r["source"], r["kind"]), []).append(r.get("num_tokens", 0))
+    lines = [f"{'source':<14}{'kind':<10}{'rows':>7}{'min tok':>9}{'mean tok':>10}{'max tok':>9}"]
+    for (s, k), ns in sorted(by.items()):
+        lines.append(f"{s:<14}{k:<10}{len(ns):>7}{min(ns):>9}{sum(ns) / len(ns):>10.0f}{max(ns):>9}")
+    lines += [f"{k}: {v}" for k, v in sorted(stats.items())]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- verify
+def verify_row(row: dict, tok=None) -> list[str]:
+    """Every invariant of a KeyChain row, re-derived from its text alone. Returns the violations."""
+    errs = []
+    user = next((m["content"] for m in row.get("messages", []) if m.get("role") == "user"), "")
+    head, tail = "Please read the following text.\n", "\n\nIn the context above, there is one correct question"
+    m = re.search(r'starting from `"(' + KEY_RE + r')"`\.\nFind the correct question first', user)
+    if not user.startswith(head) or tail not in user or not m:
+        return ["prompt does not follow the KeyChain instruction template"]
+    start = m.group(1)
+    ctx = user[len(head):user.rindex(tail)]
+    plain, pairs = parse_pairs(ctx)
+    nxt: dict = {}
+    for k, v, _ in pairs:
+        if k in nxt:
+            errs.append(f"key {k} repeats")
+        nxt[k] = v
+    if row.get("start_key") not in (None, start):
+        errs.append(f"start key {start} differs from the row's start_key {row.get('start_key')}")
+    pointed = [v for v in nxt.values() if v in nxt]
+    if len(pointed) != len(set(pointed)):
+        errs.append("two keys point to the same key")
+    heads = [k for k in nxt if k not in set(pointed)]
+    if start not in nxt:
+        errs.append(f"start key {start} has no pair")
+    hops = row.get("hops")
+    ends = {}
+    for h in heads:
+        k, steps = h, 0
+        while k in nxt and nxt[k] in nxt and steps <= len(nxt):
+            k, steps = nxt[k], steps + 1
+        ends[h] = (nxt.get(k), steps + 1)
+        if hops and steps + 1 != hops:
+            errs.append(f"chain from {h} has {steps + 1} pairs, expected {hops}")
+    if len(pairs) != sum(n for _, n in ends.values()):
+        errs.append("pairs that belong to no chain (a cycle)")
+    if row.get("chains") and len(heads) != row["chains"]:
+        errs.append(f"{len(heads)} chains, expected {row['chains']}")
+    q = row.get("question")
+    if start in ends and q is not None and ends[start][0] != q:
+        errs.append(f"the chain from the start key ends in {ends[start][0]!r}, not the real question")
+    if q is not None:
+        others = [h for h, (v, _) in ends.items() if h != start and v is not None and norm_q(v) == norm_q(q)]
+        if others:
+            errs.append(f"{len(others)} other chain(s) also reach the real question")
+    if row.get("distractor_questions") is not None:
+        got = sorted(v for h, (v, _) in ends.items() if h != start)
+        if got != sorted(row["distractor_questions"]):
+            errs.append("distractor chains do not end in the row's distractor_questions")
+    offs = [o for _, _, o in pairs]
+    if len(set(offs)) != len(offs):
+        errs.append("two pairs share a sentence boundary")
+    for k, _, o in pairs:
+        if not (o > 0 and (plain[o - 1] == "\n" or (plain[o - 1] in ".?" and (o == len(plain) or plain[o].isspace())))):
+            errs.append(f"pair of key {k} is not at a sentence boundary")
+    for k in nxt:
+        if k in plain:
+            errs.append(f"key {k} also appears outside its pair")
+    if tok is not None:
+        n = prompt_tokens_msgs(tok, row["messages"])
+        if n != row.get("num_tokens"):
+            errs.append(f"prompt has {n} tokens, row says {row.get('num_tokens')}")
+        if row.get("max_tokens") and n > row["max_tokens"]:
+            errs.append(f"prompt has {n} tokens, over the budget {row['max_tokens']}")
+    return errs
+
+
+# ----------------------------------------------------------------------------- difficulty filter
+def read_counts(path: str) -> dict[str, tuple[int, int]]:
+    """Pass counts file: JSONL, one {"id": item id, "n": samples, "k": correct} per line."""
+    counts = {}
+    for i, rec in read_records(path):
+        where = f"{path}: record {i}"
+        n, k = _field(rec, "n", where, int), _field(rec, "k", where, int)
+        if not 0 <= k <= n or n == 0:
+            raise DataError(f"{where}: need 0 <= k <= n and n > 0, got n={n} k={k}")
+        counts[str(_field(rec, "id", where))] = (n, k)
+    return counts
+
+
+def filter_items(items: list[dict], counts: dict, lo: int, hi: int) -> tuple[list[dict], dict]:
+    """Keep items solved by lo..hi of n samples (paper: 1..6 of 8): neither trivial nor hopeless."""
+    kept, stats = [], {"kept": 0, "too easy": 0, "too hard": 0, "no count": 0}
+    for it in items:
+        if it["id"] not in counts:
+            stats["no count"] += 1
+            continue
+        k = counts[it["id"]][1]
+        key = "too hard" if k < lo else "too easy" if k > hi else "kept"
+        stats[key] += 1
+        if key == "kept":
+            kept.append(it)
+    return kept, stats
+
+
+def filter_prompt(item: dict) -> str:
+    """The user turn the pass counts are sampled with (short context, 'The answer is ...')."""
+    return FILTER_PROMPT.format(context=passages(item["docs"]), question=item["question"])
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv: list[str]) -> int:
+    cfg = parse_config(Config, argv, __doc__)
+    if cfg.command == "generate":
+        for name, p in generate_raw(cfg.out_dir, cfg.n or 200, cfg.seed).items():
+            print(f"{name:<10}{p}")
+        return 0
+    if cfg.command == "filter":
+        if not cfg.counts:
+            raise SystemExit("filter needs --counts=FILE (JSONL of {id, n, k}); sampling them needs rollout.py")
+        items, _ = load_items(cfg.input, cfg.format, cfg.source)
+        kept, stats = filter_items(items, read_counts(cfg.counts), cfg.lo, cfg.hi)
+        write_rows(cfg.out, kept)
+        print(f"wrote {len(kept)} items to {cfg.out}: {stats}")
+        return 0
+    tok = load_tokenizer(cfg.tokenizer)
+    if cfg.command == "verify":
+        bad = total = 0
+        for path in cfg.input.split(","):
+            for i, row in read_records(path):
+                if row.get("kind") != "keychain":
+                    continue
+                total += 1
+                errs = verify_row(row, tok)
+                if errs:
+                    bad += 1
+                    print(f"{path}: record {i} ({row.get('id')}): " + "; ".join(errs[:5]))
+        print(f"verified {total} KeyChain rows: {total - bad} ok, {bad} bad")
+        return 1 if bad else 0
+    if cfg.command == "demo":
+        return demo(cfg, tok)
+    if cfg.command != "synth":
+        raise SystemExit(f"unknown command {cfg.command!r}: generate | synth | verify | filter | demo")
+    if not cfg.out:
+        raise SystemExit("synth needs --out=FILE.jsonl (or .parquet)")
+    if cfg.kind != "ruler" and not cfg.input:
+        raise SystemExit("synth needs --input=FILE[,FILE...]")
+    rows, stats = synth(cfg, tok)
+    write_rows(cfg.out, rows)
+    print(summarize(rows, stats))
+    print(f"wrote {len(rows)} rows to {cfg.out}")
+    return 0
+
+
+def demo(cfg: Config, tok) -> int:
+    """Generate raw data and build every row kind of the training mix from it, then verify."""
+    raw = generate_raw(cfg.out_dir, cfg.n or 120, cfg.seed)
+    qa_files = ",".join(raw[k] for k in ("hotpotqa", "2wiki", "musique"))
+    out_dir, all_rows, all_stats = Path(cfg.out_dir).parent / "rows", [], {}
+    for kind, inp in (("keychain", qa_files), ("qa", qa_files), ("ruler", ""), ("math", raw["dapo"]),
+                      ("choice", raw["mathqa"])):
+        rows, stats = synth(dataclasses.replace(cfg, kind=kind, input=inp), tok)
+        write_rows(out_dir / f"{kind}.jsonl", rows)
+        all_rows += rows
+        all_stats.update({f"{kind} {k}": v for k, v in stats.items()})
+    print(summarize(all_rows, all_stats))
+    bad = sum(bool(verify_row(r, tok)) for r in all_rows if r["kind"] == "keychain")
+    print(f"rows in {out_dir}/; KeyChain rows failing verify: {bad}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
