@@ -274,7 +274,7 @@ def _hotpot_docs(ctx: Any, where: str) -> list[str]:
     return docs
 
 
-def guess_format(rec: Any) -> str:
+def guess_format(rec: Any, where: str = "record") -> str:
     if isinstance(rec, dict):
         if "paragraphs" in rec:
             return "musique"
@@ -288,7 +288,8 @@ def guess_format(rec: Any) -> str:
             return "longbench"
         if "context" in rec and "question" in rec:
             return "hotpotqa"  # 2Wiki has the same shape
-    raise DataError(f"cannot tell the format of record with keys {sorted(rec) if isinstance(rec, dict) else rec!r}")
+    keys = sorted(rec) if isinstance(rec, dict) else type(rec).__name__
+    raise DataError(f"{where}: cannot tell the format (keys {keys}); pass --format")
 
 
 def guess_source(path: str) -> str:
@@ -302,11 +303,12 @@ def guess_source(path: str) -> str:
 
 def load_items(path: str, fmt: str = "auto", source: str = "") -> tuple[list[dict], dict]:
     """Raw QA file -> items. Returns (items, skip counts). Malformed records raise DataError(file, record)."""
-    source = source or guess_source(path)
+    default = source or guess_source(path)
     items, skips = [], {}
     for i, rec in read_records(path):
         where = f"{path}: record {i}"
-        f = fmt if fmt != "auto" else guess_format(rec)
+        f = fmt = fmt if fmt != "auto" else guess_format(rec, where)  # the first record decides for the file
+        src = default
         if f in ("hotpotqa", "2wiki"):
             rid = rec.get("_id", rec.get("id")) if isinstance(rec, dict) else None
             q, a = _field(rec, "question", where, str), _field(rec, "answer", where, str)
@@ -329,15 +331,15 @@ def load_items(path: str, fmt: str = "auto", source: str = "") -> tuple[list[dic
             ans = _field(rec, "answers", where, list)
             item = {"id": str(rec.get("_id", i)), "question": _field(rec, "input", where, str),
                     "answers": [str(x) for x in ans], "docs": [_field(rec, "context", where, str)]}
-            source = source if source != guess_source(path) else rec.get("dataset", source)
+            src = source or rec.get("dataset") or default
         elif f == "items":
             item = {k: _field(rec, k, where) for k in ("id", "question", "answers", "docs")}
-            source = rec.get("source", source)
+            src = source or rec.get("source") or default
         else:
             raise DataError(f"{where}: format {f!r} holds rows, not QA items (use --kind=math/choice or verl input)")
         if not item["question"].strip() or not any(a.strip() for a in item["answers"]) or not item["docs"]:
             raise DataError(f"{where}: empty question, answer or context")
-        item["source"] = source
+        item["source"] = src
         items.append(item)
     return items, skips
 
@@ -368,7 +370,7 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
     rows = []
     for i, rec in read_records(path):
         where = f"{path}: record {i}"
-        f = fmt if fmt != "auto" else guess_format(rec)
+        f = fmt = fmt if fmt != "auto" else guess_format(rec, where)
         if f in ("verl", "dapo"):
             prompt = _field(rec, "prompt", where, list)
             if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
