@@ -13,7 +13,6 @@ come out of the same `synth` command with kind=ruler / math / choice.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import random
 import re
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -62,7 +61,7 @@ class Config:
     input: str = ""  # raw file(s), comma separated (synth/filter/verify)
     out: str = ""  # output .jsonl or .parquet (synth/filter)
     out_dir: str = "data/raw"  # generate / demo
-    kind: str = "keychain"  # keychain | qa | ruler | math | choice
+    kind: str = "keychain"  # keychain | qa (from QA items) | ruler; task files (verl, DAPO, MathQA) keep their kinds
     format: str = "auto"  # auto | hotpotqa | 2wiki | musique | longbench | verl | dapo | mathqa | items
     source: str = ""  # dataset name; guessed from the file name when empty
     tokenizer: str = ""  # path or hub id; empty = build the tiny byte tokenizer
@@ -336,7 +335,7 @@ def load_items(path: str, fmt: str = "auto", source: str = "") -> tuple[list[dic
             item = {k: _field(rec, k, where) for k in ("id", "question", "answers", "docs")}
             src = source or rec.get("source") or default
         else:
-            raise DataError(f"{where}: format {f!r} holds rows, not QA items (use --kind=math/choice or verl input)")
+            raise DataError(f"{where}: format {f!r} holds finished tasks, not QA items")
         if not item["question"].strip() or not any(a.strip() for a in item["answers"]) or not item["docs"]:
             raise DataError(f"{where}: empty question, answer or context")
         item["source"] = src
@@ -404,7 +403,7 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
                    "messages": chat(CHOICE_PROMPT.format(problem=problem.strip(), choices=text)),
                    "answers": [letter.upper()]}
         else:
-            raise DataError(f"{where}: format {f!r} holds QA items; use --kind=keychain/qa")
+            raise DataError(f"{where}: format {f!r} holds QA items, not finished tasks")
         rows.append(row)
     return rows
 
@@ -875,37 +874,46 @@ def prompt_tokens_msgs(tok, messages: list[dict]) -> int:
     return count_tokens(tok, [render_prompt(tok, messages)])[0]
 
 
+def file_format(path: str, fmt: str = "auto") -> str:
+    """A file's format, from --format or its first record."""
+    if fmt != "auto":
+        return fmt
+    for i, rec in read_records(path):
+        return guess_format(rec, f"{path}: record {i}")
+    raise DataError(f"{path}: no records")
+
+
 def synth(cfg: Config, tok) -> tuple[list[dict], dict]:
-    """Rows of cfg.kind from cfg.input (comma separated files, one pool per file). Returns (rows, stats)."""
+    """Rows from cfg.input (comma separated, one pool per file). QA items become cfg.kind (keychain | qa) rows;
+    files that already hold tasks (verl parquet, DAPO, MathQA) keep their own kinds; kind=ruler needs no input."""
     stats: dict = {}
     rows: list[dict] = []
-    if cfg.kind in ("math", "choice"):
-        for path in filter(None, cfg.input.split(",")):
-            for r in load_rows(path, cfg.format, cfg.source):
-                n = prompt_tokens_msgs(tok, r["messages"])
-                if n > cfg.max_tokens:
-                    stats["skip: over budget"] = stats.get("skip: over budget", 0) + 1
-                    continue
-                rows.append({**r, "num_tokens": n, "max_tokens": cfg.max_tokens})
-        if cfg.n:
-            rows = random.Random(cfg.seed).sample(rows, min(cfg.n, len(rows)))
-        return rows, stats
     if cfg.kind == "ruler":
         sents = haystack_sentences(cfg.haystack, cfg.seed)
         sent_tok = count_tokens(tok, [" " + s for s in sents])
         build = lambda i, slack=0: ruler_row(i, sents, sent_tok, tok, cfg, slack)  # noqa: E731
         return _run(list(range(cfg.n or 64)), build, tok, cfg, stats), stats
-    if cfg.kind not in ("keychain", "qa"):
-        raise SystemExit(f"--kind must be one of {KINDS}, got {cfg.kind!r}")
     for path in filter(None, cfg.input.split(",")):
-        items, skips = load_items(path, cfg.format, cfg.source)
+        fmt = file_format(path, cfg.format)
+        pick = random.Random(f"{cfg.seed}/select/{path}")
+        if fmt in ("verl", "dapo", "mathqa"):
+            short = []
+            for r in load_rows(path, fmt, cfg.source):
+                n = prompt_tokens_msgs(tok, r["messages"])
+                if n > cfg.max_tokens:
+                    stats["skip: over budget"] = stats.get("skip: over budget", 0) + 1
+                    continue
+                short.append({**r, "num_tokens": n, "max_tokens": cfg.max_tokens})
+            rows += pick.sample(short, cfg.n) if 0 < cfg.n < len(short) else short
+            continue
+        if cfg.kind not in ("keychain", "qa"):
+            raise SystemExit(f"{path} holds QA items: use --kind=keychain or --kind=qa")
+        items, skips = load_items(path, fmt, cfg.source)
         for k, v in skips.items():
             stats[f"skip: {k}"] = stats.get(f"skip: {k}", 0) + v
         pool = Pool(tok, items)
         budget = Budget(tok, pool, cfg.key_style, cfg.seed) if cfg.kind == "keychain" else None
-        sel = items
-        if cfg.n and cfg.n < len(items):
-            sel = random.Random(f"{cfg.seed}/select/{path}").sample(items, cfg.n)
+        sel = pick.sample(items, cfg.n) if 0 < cfg.n < len(items) else items
         build = lambda it, slack=0, pool=pool, budget=budget: build_row(it, cfg.kind, pool, budget, tok, cfg, slack)  # noqa: E731
         rows += _run(sel, build, tok, cfg, stats, desc=Path(path).name)
     return rows, stats

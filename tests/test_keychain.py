@@ -90,7 +90,7 @@ def test_longbench_and_items_roundtrip(tmp_path):
     assert kc.load_items(str(out))[0] == items
 
 
-def test_verl_parquet_maps_data_sources_to_kinds(tmp_path):
+def test_verl_parquet_maps_data_sources_to_kinds(tmp_path, tiny_tok):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -115,6 +115,9 @@ def test_verl_parquet_maps_data_sources_to_kinds(tmp_path):
     assert [r["kind"] for r in rows] == ["math", "keychain", "qa", "choice", "ruler"]
     assert rows[0]["messages"] == kc.chat("What is 2+3?") and rows[0]["answers"] == ["5"] and rows[0]["id"] == "7"
     assert rows[1]["messages"][0] == {"role": "system", "content": kc.SYSTEM_PROMPT} and rows[1]["messages"][1]["content"] == kcq
+    synthesized, _ = kc.synth(kc.Config(input=str(p), max_tokens=4096), tiny_tok)  # --kind plays no part
+    assert [(r["kind"], r["num_tokens"]) for r in synthesized] == [
+        (r["kind"], kc.prompt_tokens_msgs(tiny_tok, r["messages"])) for r in rows]
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{**recs[2], "data_source": "imagenet"}]), bad)
     with pytest.raises(kc.DataError, match=r"bad\.parquet: record 0: unknown data_source 'imagenet'"):
