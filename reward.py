@@ -10,10 +10,12 @@ when there is none); else the last "the answer is ..."; else the text after </th
 keychain, qa -> QA rule (qa_metric: substring | sub_em | em | f1 | hotpot_f1); ruler -> every gold in the box;
 choice -> the letter; math -> DAPO "Answer:" line / box with Minerva normalization, then math-verify.
 
-Guards against reward hacking (QA; * = ruler too). Each scores 0 and names itself in diag["rule"]:
-  * empty      no answer, or one that normalizes to "" ("\\boxed{}", "\\boxed{the}", "..."): "" is a substring
-               of every gold, so two-way sub_em would reward saying nothing.
-  * multi_box  more than one box after </think>: several boxes are several answers, a hedge.
+Guards against reward hacking, on by default (QA; * = ruler too; empty and too_long also guard math, where
+too_long keeps sympy's input short). Each scores 0 and names itself in diag["rule"]:
+  * empty      an answer that normalizes to "" ("\\boxed{}", "\\boxed{the}", "..."): "" is a substring of
+               every gold, so two-way sub_em would reward saying nothing.
+  * multi_box  more than one box after </think>: several boxes are several answers, a hedge that
+               scorers reading different boxes (first, last, any) would grade differently.
     braces     "{" or "}" left in a QA answer after unwrapping \\text{..}: sets and nested boxes ("{A}{B}")
                smuggle several answers (the authors' strict mode).
   * too_long   longer than the longest gold (ruler: all golds) by more than max_answer_chars (paper: 128):
@@ -73,7 +75,7 @@ DEFAULT = Config()
 
 # ----------------------------------------------------------------------------- answer extraction
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_ANSWER_IS = re.compile(r"(?i)\bthe (?:final |correct )?answer is\s*:?[ \t]*([^\n]*)")
+_ANSWER_IS = re.compile(r"(?i)\bthe (?:final |correct )?answer is\s*:?[ \t]*")
 _WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|emph)\s*\{(.*)\}", re.S)
 
 
@@ -129,9 +131,11 @@ def _extract(text: str) -> tuple[str | None, int, str]:
     if boxes:
         got = _box_content(region, boxes[-1].end())
         return (None if got is None else _unwrap(got)), len(boxes), "box"
-    said = _ANSWER_IS.findall(region)
+    said = None
+    for said in _ANSWER_IS.finditer(region):  # the last one, to the end of its line
+        pass
     if said:
-        return _unwrap(said[-1].strip().rstrip(".")), 0, "answer_is"
+        return _unwrap(region[said.end() :].split("\n")[0].strip().rstrip(".")), 0, "answer_is"
     if k >= 0 and region.strip():
         return _unwrap(region), 0, "after_think"
     return None, 0, "none"
@@ -349,8 +353,8 @@ def score(row: dict, response: str, cfg: Config | None = None) -> tuple[float, d
         words = set(normalize_answer(pred).split())
         if {"yes", "no"} <= words and not any({"yes", "no"} <= set(normalize_answer(g).split()) for g in golds):
             return out(0, "yes_no")
-    if not any(normalize_answer(g) for g in golds) and cfg.qa_metric in ("substring", "sub_em"):
-        return out(0, "no_gold")  # a gold that normalizes to "" is inside everything
+    if not any(normalize_answer(g) for g in golds):
+        return out(0, "no_gold")  # a gold that normalizes to "" ("The", "?") is inside everything
     return out(_qa_reward(pred, golds, cfg, on and cfg.whole_words), cfg.qa_metric)
 
 

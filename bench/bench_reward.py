@@ -106,7 +106,7 @@ def main() -> None:
     print(f"QA score_batch (default)      : {r_batch:10,.0f} responses/s   mean reward {mean:.3f}")
     print(f"QA through a {workers}-process pool   : {r_pool:10,.0f} responses/s   (not used for QA: shipping costs more)")
     ok = r_batch >= cfg.target
-    print(f"{'PASS' if ok else 'FAIL'}: {r_batch:,.0f}/s is {r_batch / cfg.target:.1f}x the {cfg.target:,.0f}/s bar")
+    print(f"{'PASS' if ok else 'FAIL'}: {r_batch:,.0f}/s is {r_batch / cfg.target:.1f}x the {cfg.target:,.0f}/s bar (20x one GPU generating)")
 
     if cfg.math:
         mrows, mresp = make_math(cfg.math, cfg.chars, cfg.seed)
