@@ -1,0 +1,649 @@
+"""GRPO trainer: one stage of LoongRL training, from a rows file to a trained checkpoint (LOONGRL.md section 5).
+
+    python grpo.py --data=data/rows/keychain.jsonl --model=tiny --steps=4 --batch_prompts=4 --group=4    # CPU
+    torchrun --nproc_per_node=8 grpo.py --data=train.jsonl --model=Qwen/Qwen2.5-7B-Instruct --out_dir=runs/s1
+
+One step: next B prompts (sharded over ranks) -> G completions each (rollout.py) -> rewards (reward.py) ->
+group-normalized advantages, equal-reward groups dropped -> old / reference log-probs -> clipped surrogate +
+k3 KL on packed sequences, log-probs only at completion positions and in chunks -> AdamW -> push weights to
+the engine -> log, checkpoint. FSDP2 (`fully_shard` per decoder layer, then the root) on plain
+torch.distributed: NCCL + bf16 + flash-attn on GPU, gloo + fp32 + SDPA on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import keychain
+import reward as rewards
+import rollout
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    data: str = ""  # rows .jsonl/.parquet from keychain.py
+    model: str = "Qwen/Qwen2.5-7B-Instruct"  # HF path or hub id; "tiny" = random tiny Qwen2 (CPU tests, demo)
+    tokenizer: str = ""  # empty: the model's own (tiny: the byte tokenizer)
+    out_dir: str = "runs/grpo"
+    steps: int = 0  # optimizer-side steps (rollout batches); 0 = epochs x (rows / batch_prompts)
+    epochs: int = 1
+    batch_prompts: int = 256  # B: prompts per rollout batch, over all ranks
+    group: int = 8  # G: completions per prompt
+    max_prompt_tokens: int = 16384
+    max_new_tokens: int = 4096
+    temperature: float = 1.0
+    top_p: float = 1.0
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.001  # k3 KL to the frozen reference, as a loss term; 0 = no reference model
+    entropy_coef: float = 0.0
+    grad_clip: float = 1.0
+    adv_std: bool = True  # divide by the group std (GRPO); False = Dr.GRPO
+    drop_equal_groups: bool = True  # all-equal rewards carry no signal
+    mini_batches: int = 1  # optimizer steps per rollout batch
+    ppo_epochs: int = 1  # passes over the rollout batch
+    tis_cap: float = 0.0  # > 0: truncated importance weights min(p_train / p_engine, cap) on the surrogate
+    micro_tokens: int = 24576  # packed tokens per micro-batch per rank (a budget, not a count)
+    logit_chunk: int = 128  # completion positions whose logits exist at once
+    grad_ckpt: bool = True  # non-reentrant activation checkpointing of the decoder layers
+    offload: bool = False  # FSDP2 CPU offload of the policy's parameters, gradients and optimizer
+    ref_offload: bool = True  # CPU offload of the reference model (GPU)
+    engine: str = "auto"  # auto (vllm on GPU when installed, else hf) | hf | vllm
+    tp: int = 2  # vllm tensor parallel size
+    gpu_memory_utilization: float = 0.5
+    qa_metric: str = "sub_em"
+    save_every: int = 10  # steps between checkpoints (0 = only at the end)
+    keep: int = 2  # checkpoints kept
+    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    export: bool = True  # Hugging Face folder of the final policy in out_dir/hf
+    log_samples: int = 4  # rollouts per step written to out_dir/rollouts/
+    wandb: str = ""  # project name; offline mode without WANDB_API_KEY
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    stop_after: int = 0  # tests: exit after this many steps of this process (a crash after a checkpoint)
+
+
+# ----------------------------------------------------------------------------- loss pieces (plain functions)
+def group_advantages(r: torch.Tensor, use_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """r: [groups, G] rewards -> advantages (r - mean) / (std + eps), or r - mean (Dr.GRPO)."""
+    a = r - r.mean(-1, keepdim=True)
+    return a / (r.std(-1, keepdim=True) + eps) if use_std else a
+
+
+def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Low-variance KL estimator k3 = exp(ref - logp) - (ref - logp) - 1 >= 0, clamped like the public code."""
+    d = (ref - logp).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(-10, 10)
+
+
+def policy_loss(logp, old, adv, clip_low, clip_high, is_weight=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate -min(r A, clip(r) A) and whether the clip was active."""
+    ratio = (logp - old).exp()
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    if is_weight is not None:
+        loss = loss * is_weight
+    return loss, (clipped > unclipped).float()
+
+
+# ----------------------------------------------------------------------------- model
+class FusedLogpLoss(torch.autograd.Function):
+    """Chunked log-probs fused with a per-token loss. Each chunk's logits live only inside its loop iteration:
+    the per-token loss depends on that token's log-prob and entropy alone, so its gradient with respect to
+    the chunk's logits, hence to the hidden states and lm_head, is taken right there in forward. Nothing is
+    recomputed in backward, which only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk, loss_fn):
+        gh, gw = torch.empty_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        total, lps, ents = torch.zeros((), device=h.device), [], []
+        for s in range(0, len(targets), chunk):
+            hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            z = (hc @ w.T).float()  # two [chunk x vocab] buffers at most: z (then log p) and p (then dz)
+            z -= z.amax(-1, keepdim=True)  # log-softmax by hand: logsumexp would allocate a third buffer
+            p = z.exp()
+            total_p = p.sum(-1, keepdim=True)
+            z -= total_p.log()
+            p /= total_p
+            lp = z.gather(-1, tc[:, None])[:, 0]
+            ent = torch.cat([-(p[i:i + 32] * z[i:i + 32]).sum(-1) for i in range(0, len(tc), 32)])  # small temps
+            with torch.enable_grad():
+                lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
+                loss = loss_fn(lp_, ent_, slice(s, s + len(tc)))
+                g_lp, g_ent = torch.autograd.grad(loss, (lp_, ent_), allow_unused=True, materialize_grads=True)
+            # d logp_t / dz = onehot(t) - p ;  d entropy / dz = -p (log p + entropy); in place on z and p
+            if g_ent.any():
+                z.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
+                dz = p.mul_(z).neg_()
+            else:
+                dz = p.mul_(-g_lp[:, None])
+            del z
+            dz[torch.arange(len(tc), device=dz.device), tc] += g_lp
+            gh[s:s + chunk] = (dz.to(w.dtype) @ w).to(h.dtype)
+            gw.addmm_(dz.T, hc.float())
+            del p, dz  # before the next chunk allocates its own
+            total += loss.detach()
+            lps.append(lp)
+            ents.append(ent)
+        ctx.save_for_backward(gh, gw.to(w.dtype))
+        lp, ent = torch.cat(lps), torch.cat(ents)
+        ctx.mark_non_differentiable(lp, ent)
+        return total, lp, ent
+
+    @staticmethod
+    def backward(ctx, g_total, _g_lp, _g_ent):
+        gh, gw = ctx.saved_tensors
+        if not bool(g_total == 1):  # in place: a second [vocab x hidden] buffer is what we avoid
+            gh, gw = gh.mul_(g_total), gw.mul_(g_total)
+        return gh, gw, None, None, None
+
+
+class Policy(nn.Module):
+    """A causal LM whose forward works only at completion positions: it returns the log-probs and entropies
+    of given targets, or (with `loss_fn`) a per-token loss summed, through FusedLogpLoss.
+
+    FSDP2 shards this wrapper as the root, so embeddings, final norm and lm_head are gathered once per
+    forward, and the [tokens x vocab] logits never exist beyond one chunk of `chunk` positions.
+    """
+
+    def __init__(self, lm: nn.Module, chunk: int = 128):
+        super().__init__()
+        self.lm, self.chunk = lm, chunk
+
+    def forward(self, input_ids, position_ids, at, targets, loss_fn: Callable | None = None):
+        h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
+        h, w = h[at], self.lm.lm_head.weight  # hidden states that predict the targets
+        if loss_fn is not None:
+            return FusedLogpLoss.apply(h, w, targets, self.chunk, loss_fn)
+        lps, ents = [], []
+        for s in range(0, len(targets), self.chunk):
+            logp_all = (h[s:s + self.chunk] @ w.T).float().log_softmax(-1)
+            lps.append(logp_all.gather(-1, targets[s:s + self.chunk, None])[:, 0])
+            ents.append(-(logp_all.exp() * logp_all).sum(-1))
+        if not lps:
+            return h.new_zeros(0, dtype=torch.float32), h.new_zeros(0, dtype=torch.float32)
+        return torch.cat(lps), torch.cat(ents)
+
+
+def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets) -> torch.Tensor:
+    """Reference path: full logits over every position, then pick (tests and the benchmark)."""
+    logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0].float()
+    return logits.log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
+
+
+def load_lm(cfg: Config, tok) -> nn.Module:
+    """The policy in fp32 on the CPU (fp32 master weights; on GPU FSDP2 computes in bf16)."""
+    if cfg.model == "tiny":
+        return rollout.tiny_model(len(tok), cfg.seed)
+    from transformers import AutoModelForCausalLM
+
+    flash = torch.cuda.is_available() and cfg.device != "cpu" and _has("flash_attn")
+    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+                                                attn_implementation="flash_attention_2" if flash else "sdpa")
+
+
+def _has(mod: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(mod) is not None
+
+
+def shard(model: Policy, mesh, device: torch.device, offload: bool) -> Policy:
+    """FSDP2: each decoder layer is a unit, the wrapper (embeddings, norm, lm_head) is the root."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw: dict = {"mesh": mesh}
+    if device.type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for layer in model.lm.model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+# ----------------------------------------------------------------------------- packing
+def pack(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped into micro-batches of at most `budget` tokens (first-fit decreasing; one over-long
+    sequence gets a micro-batch of its own)."""
+    bins: list[tuple[int, list[int]]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, (used, idx) in enumerate(bins):
+            if used + lengths[i] <= budget:
+                bins[b] = (used + lengths[i], idx + [i])
+                break
+        else:
+            bins.append((lengths[i], [i]))
+    return [sorted(idx) for _, idx in bins]
+
+
+def packed_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """One row of concatenated prompt+completion tokens; positions restart per sequence, so attention stays
+    inside each sequence (transformers derives the block-diagonal mask / varlen lengths from position_ids)."""
+    ids, pos, at, tgt, off = [], [], [], [], 0
+    for s in seqs:
+        full, p = s["prompt"] + s["completion"], len(s["prompt"])
+        ids += full
+        pos += range(len(full))
+        at += range(off + p - 1, off + len(full) - 1)
+        tgt += s["completion"]
+        off += len(full)
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return t(ids)[None], t(pos)[None], t(at), t(tgt)
+
+
+DUMMY = {"prompt": [0], "completion": [0]}  # keeps a rank's forward count in step with the others
+
+
+# ----------------------------------------------------------------------------- distributed
+def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """torchrun sets RANK/WORLD_SIZE/MASTER_*; a plain `python grpo.py` becomes a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def gather(obj: Any) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(x: float, device: torch.device, op=dist.ReduceOp.SUM) -> float:
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def all_max(x: float, device: torch.device) -> float:
+    return all_sum(x, device, dist.ReduceOp.MAX)
+
+
+# ----------------------------------------------------------------------------- the trainer
+class Trainer:
+    """State of one stage: policy, reference, optimizer, engine, data order and step. `run()` trains."""
+
+    def __init__(self, cfg: Config, reward_fn: Callable | None = None):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed(cfg)
+        if cfg.batch_prompts % self.world:
+            raise SystemExit(f"--batch_prompts={cfg.batch_prompts} must be a multiple of the world size {self.world}")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (self.world,))
+        self.out = Path(cfg.out_dir)
+        tok_name = cfg.tokenizer or ("" if cfg.model == "tiny" else cfg.model)
+        if self.rank == 0:  # the tiny tokenizer is written once, then read by every rank
+            keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
+        dist.barrier()
+        self.tok = keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
+        self.rows = keychain.read_rows(cfg.data)
+        if not self.rows:
+            raise SystemExit(f"{cfg.data}: no rows")
+        self.reward_cfg = rewards.Config(qa_metric=cfg.qa_metric)
+        self.reward_fn = reward_fn or (lambda rows, texts: rewards.score_batch(rows, texts, self.reward_cfg))
+        torch.manual_seed(cfg.seed)
+        lm = load_lm(cfg, self.tok)  # on the CPU in fp32: fully_shard moves only each rank's shard to the GPU
+        if cfg.grad_ckpt:  # non-reentrant: composes with FSDP2's hooks (transformers 5 renamed the method)
+            if hasattr(lm, "activation_checkpointing_enable"):
+                lm.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine = self._make_engine(lm)  # before sharding: the HF engine keeps an unsharded copy
+        self.ref = None
+        if cfg.kl_coef > 0:
+            ref = copy.deepcopy(lm).requires_grad_(False).eval()
+            if self.device.type == "cuda":
+                ref = ref.to(torch.bfloat16)  # never trained: no fp32 master copy needed
+            self.ref = shard(Policy(ref, cfg.logit_chunk), self.mesh, self.device,
+                             cfg.ref_offload and self.device.type == "cuda")
+        self.policy = shard(Policy(lm, cfg.logit_chunk), self.mesh, self.device, cfg.offload)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        per_epoch = len(self.rows) // cfg.batch_prompts
+        self.total = cfg.steps or cfg.epochs * per_epoch
+        if self.total <= 0:
+            raise SystemExit(f"{cfg.data}: {len(self.rows)} rows are fewer than one batch of {cfg.batch_prompts}")
+        if cfg.resume:
+            self.load_latest()
+
+    def _make_engine(self, lm):
+        cfg = self.cfg
+        kind = cfg.engine
+        if kind == "auto":
+            kind = "vllm" if self.device.type == "cuda" and _has("vllm") else "hf"
+        rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                              seed=cfg.seed, device=str(self.device), tp=cfg.tp,
+                              dtype="bfloat16" if self.device.type == "cuda" else "float32",
+                              gpu_memory_utilization=cfg.gpu_memory_utilization)
+        return rollout.make_engine(rcfg, lm, self.tok)
+
+    # -- data: a seeded permutation per epoch; step s takes positions [s*B, (s+1)*B) of the stream
+    def batch_indices(self, step: int) -> list[int]:
+        B, n = self.cfg.batch_prompts, len(self.rows)
+        out = []
+        for pos in range(step * B, (step + 1) * B):
+            epoch, i = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+            out.append(int(perm[i]))
+        return out
+
+    def encode(self, row: dict) -> list[int]:
+        ids = self.tok(keychain.render_prompt(self.tok, row["messages"]), add_special_tokens=False)["input_ids"]
+        if len(ids) > self.cfg.max_prompt_tokens:  # keep the end (question, instruction); rare by construction
+            ids = ids[-self.cfg.max_prompt_tokens:]
+        return ids
+
+    # -- one step
+    def rollout(self) -> tuple[list[dict], dict]:
+        cfg, G = self.cfg, self.cfg.group
+        glob = self.batch_indices(self.step)
+        mine = list(range(self.rank, len(glob), self.world))  # positions in the global batch
+        rows = [self.rows[glob[p]] for p in mine]
+        prompts = [self.encode(r) for r in rows]
+        t0 = time.time()
+        # one seed per prompt: the same prompt samples the same completions whatever the world size
+        seeds = [hash_seed(cfg.seed, self.step, p) for p in mine]
+        outs = self.engine.generate(prompts, n=G, seed=seeds)
+        t_gen = time.time() - t0
+        texts = [c.text for comps in outs for c in comps]
+        scored = self.reward_fn([r for r in rows for _ in range(G)], texts)
+        seqs, records, dropped = [], [], 0
+        for i, (row, prompt, comps) in enumerate(zip(rows, prompts, outs)):
+            r = torch.tensor([float(s[0]) for s in scored[i * G:(i + 1) * G]])
+            adv = group_advantages(r[None], cfg.adv_std)[0]
+            equal = bool((r == r[0]).all())
+            dropped += equal
+            for j, c in enumerate(comps):
+                rec = {"id": row.get("id"), "source": row.get("source", "?"), "kind": row.get("kind", "?"),
+                       "reward": float(r[j]), "len": len(c.token_ids), "finish": c.finish_reason,
+                       **keychain_names(row, c.text)}
+                records.append(rec)
+                if not (equal and cfg.drop_equal_groups) and c.token_ids:
+                    seqs.append({"prompt": prompt, "completion": list(c.token_ids), "adv": float(adv[j]),
+                                 "engine_lp": torch.tensor(c.logprobs, dtype=torch.float32)})
+        samples = [{"step": self.step, "id": row.get("id"), "answers": row.get("answers"),
+                    "response": outs[i][0].text, "reward": records[i * G]["reward"]}
+                   for i, row in enumerate(rows[:cfg.log_samples])]
+        return seqs, {"records": records, "dropped": dropped, "groups": len(rows), "t_gen": t_gen, "samples": samples}
+
+    @torch.no_grad()
+    def score_logps(self, model: Policy, seqs: list[dict], key: str) -> None:
+        for mb in self.micro_batches(seqs):
+            if not mb:
+                model(*packed_inputs([DUMMY], self.device))
+                continue
+            lp, ent = model(*packed_inputs(mb, self.device))
+            for s, a, e in zip(mb, lp.split([len(s["completion"]) for s in mb]),
+                               ent.split([len(s["completion"]) for s in mb])):
+                s[key] = a.float().cpu()
+                if key == "old":
+                    s["entropy"] = e.float().cpu()
+
+    def micro_batches(self, seqs: list[dict]) -> list[list[dict]]:
+        """Token-budget micro-batches, padded with empty ones so every rank makes the same number of calls."""
+        groups = [[seqs[i] for i in idx] for idx in pack([len(s["prompt"]) + len(s["completion"]) for s in seqs],
+                                                        self.cfg.micro_tokens)]
+        n = int(all_max(len(groups), self.device))
+        return groups + [[] for _ in range(n - len(groups))]
+
+    def update(self, seqs: list[dict]) -> dict:
+        cfg = self.cfg
+        self.policy.train()
+        self.score_logps(self.policy, seqs, "old")
+        if self.ref is not None:
+            self.score_logps(self.ref, seqs, "ref")
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": [], "skipped": 0}
+        for _ in range(cfg.ppo_epochs):
+            order = seqs[:]
+            random.Random(hash_seed(cfg.seed, self.step, self.rank)).shuffle(order)
+            for m in range(cfg.mini_batches):
+                mini = order[m::cfg.mini_batches]
+                n_tok = all_sum(sum(len(s["completion"]) for s in mini), self.device)
+                if n_tok == 0:
+                    continue
+                self.opt.zero_grad(set_to_none=True)
+                for mb in self.micro_batches(mini):
+                    self._backward(mb, n_tok, stats)
+                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if not math.isfinite(norm) or not math.isfinite(stats["loss"]):
+                    stats["skipped"] += 1  # never let a NaN/inf reach the weights
+                    self.opt.zero_grad(set_to_none=True)
+                    continue
+                self.opt.step()
+                stats["grad_norm"].append(norm)
+        return stats
+
+    def _backward(self, mb: list[dict], n_tok: float, stats: dict) -> None:
+        cfg = self.cfg
+        if not mb:  # a dummy micro-batch: same collectives, zero gradient
+            loss, _, _ = self.policy(*packed_inputs([DUMMY], self.device), loss_fn=lambda lp, ent, sl: lp.sum() * 0.0)
+            loss.backward()
+            return
+        cat = lambda k: torch.cat([s[k] for s in mb]).to(self.device)  # noqa: E731
+        old = cat("old")
+        adv = torch.cat([torch.full((len(s["completion"]),), s["adv"]) for s in mb]).to(self.device)
+        ref = cat("ref") if self.ref is not None else None
+        w = None
+        if cfg.tis_cap > 0:  # trainer vs engine kernels: correct the surrogate with capped importance weights
+            w = (old - cat("engine_lp")).exp().clamp(max=cfg.tis_cap)
+        # token mean over the whole mini-batch on all ranks: FSDP averages gradients over ranks, hence * world
+        scale = self.world / n_tok
+
+        def token_loss(lp, ent, sl):
+            loss = policy_loss(lp, old[sl], adv[sl], cfg.clip_low, cfg.clip_high, None if w is None else w[sl])[0]
+            if ref is not None:
+                loss = loss + cfg.kl_coef * kl_k3(lp, ref[sl])
+            return (loss - cfg.entropy_coef * ent).sum() * scale
+
+        loss, lp, _ = self.policy(*packed_inputs(mb, self.device), loss_fn=token_loss)
+        loss.backward()
+        stats["loss"] += loss.item() / self.world
+        if ref is not None:
+            stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok
+        stats["clip_frac"] += policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)[1].sum().item() / n_tok
+        stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
+
+    def push_weights(self) -> None:
+        self.engine.update_weights((k[len("lm."):], v) for k, v in self.policy.state_dict().items())
+
+
+    # -- the loop
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, last = self.cfg, {}
+        logf = self.out / "log.jsonl"
+        wb = self._wandb()
+        bar = tqdm(total=self.total, initial=self.step, desc=f"grpo {self.out.name}", disable=self.rank != 0,
+                   dynamic_ncols=True)
+        done_here = 0
+        while self.step < self.total:
+            t0 = time.time()
+            seqs, info = self.rollout()
+            self.engine.sleep()
+            t1 = time.time()
+            st = self.update(seqs)
+            self.engine.wake()
+            self.push_weights()
+            t_upd = time.time() - t1
+            self.step += 1
+            last = self.log_step(info, st, t_upd, time.time() - t0, logf, wb)
+            bar.update(1)
+            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
+                self.save()
+            done_here += 1
+            if cfg.stop_after and done_here >= cfg.stop_after:
+                return last
+        bar.close()
+        self.save()
+        if cfg.export:
+            self.export(self.out / "hf")
+        if wb:
+            wb.finish()
+        return last
+
+    def log_step(self, info: dict, st: dict, t_upd: float, t_all: float, logf: Path, wb) -> dict:
+        recs = [r for part in gather(info["records"]) for r in part]
+        samples = [s for part in gather(info["samples"]) for s in part]
+        tot = lambda x: all_sum(x, self.device)  # noqa: E731
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        line = {"step": self.step, "reward": mean([r["reward"] for r in recs]),
+                "accuracy": mean([float(r["reward"] >= 1.0) for r in recs]),
+                "response_len": mean([r["len"] for r in recs]),
+                "truncated": mean([float(r["finish"] == "length") for r in recs]),
+                "dropped_groups": int(tot(info["dropped"])), "groups": int(tot(info["groups"])),
+                "loss": tot(st["loss"]), "kl": tot(st["kl"]), "clip_frac": tot(st["clip_frac"]),
+                "grad_norm": mean(st["grad_norm"]), "skipped_steps": int(all_max(st["skipped"], self.device)),
+                "t_gen": all_max(info["t_gen"], self.device), "t_update": all_max(t_upd, self.device),
+                "update_tok_per_s": tot(st["tokens"]) / max(all_max(t_upd, self.device), 1e-9), "t_step": t_all}
+        for src in sorted({r["source"] for r in recs}):
+            line[f"reward/{src}"] = mean([r["reward"] for r in recs if r["source"] == src])
+        kc = [r for r in recs if "names_real" in r]
+        if kc:
+            line["keychain/names_real"] = mean([float(r["names_real"]) for r in kc])
+            line["keychain/names_distractor"] = mean([float(r["names_distractor"]) for r in kc])
+        if self.rank == 0:
+            with open(logf, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            (self.out / "rollouts").mkdir(exist_ok=True)
+            keychain.write_rows(self.out / "rollouts" / f"step_{self.step:06d}.jsonl", samples)
+            with open(self.out / "mining.jsonl", "a") as f:  # every item's rewards, for cheap hard mining
+                for rid in dict.fromkeys(r["id"] for r in recs):
+                    rs = [r["reward"] for r in recs if r["id"] == rid]
+                    f.write(json.dumps({"id": rid, "n": len(rs), "k": sum(x >= 1.0 for x in rs), "step": self.step}) + "\n")
+            if wb:
+                wb.log(line, step=self.step)
+        return line
+
+    def _wandb(self):
+        if not self.cfg.wandb or self.rank != 0:
+            return None
+        import wandb
+
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        return wandb.init(project=self.cfg.wandb, dir=str(self.out), config=asdict(self.cfg), mode=mode)
+
+    # -- checkpoints: torch.distributed.checkpoint, written to a temporary folder and renamed
+    def save(self) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = self.out / "ckpt" / f"step_{self.step:06d}"
+        if final.exists():
+            return
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        dist.barrier()
+        msd, osd = get_state_dict(self.policy, self.opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        torch.save({"step": self.step, "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)},
+                   tmp / f"extra_rank{self.rank}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            os.replace(tmp, final)
+            for old in sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".tmp"))[:-self.cfg.keep]:
+                shutil.rmtree(old)
+        dist.barrier()
+
+    def load_latest(self) -> bool:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        done = sorted(p for p in (self.out / "ckpt").glob("step_*") if not p.name.endswith(".tmp"))
+        if not done:
+            return False
+        msd, osd = get_state_dict(self.policy, self.opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=str(done[-1]))
+        set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        extra = torch.load(done[-1] / f"extra_rank{self.rank}.pt", weights_only=False)
+        self.step = extra["step"]
+        torch.set_rng_state(extra["torch_rng"])
+        self.push_weights()
+        if self.rank == 0:
+            print(f"resumed from {done[-1]} at step {self.step}")
+        return True
+
+    def export(self, path: Path) -> None:
+        """The policy as a Hugging Face folder (safetensors, config, tokenizer) for from_pretrained and vLLM."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            sd = {k[len("lm."):]: v for k, v in sd.items()}
+            if getattr(self.policy.lm.config, "tie_word_embeddings", False):
+                sd.pop("lm_head.weight", None)  # gathered shards are separate copies; the config re-ties them
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.policy.lm.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+            self.tok.save_pretrained(str(tmp))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        dist.barrier()
+
+
+def hash_seed(*parts: int) -> int:
+    """A 31-bit seed from integers, stable across processes (Python's hash() of str is salted)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % (1 << 64)
+    return h % (1 << 31)
+
+
+def keychain_names(row: dict, text: str) -> dict:
+    """For KeyChain rows: does the completion name the real question, or a distractor question?"""
+    if row.get("kind") != "keychain" or not row.get("question"):
+        return {}
+    t = keychain.norm_q(text)
+    return {"names_real": keychain.norm_q(row["question"]) in t,
+            "names_distractor": any(keychain.norm_q(q) in t for q in row.get("distractor_questions") or [])}
+
+
+def main(argv: list[str]) -> int:
+    cfg = keychain.parse_config(Config, argv, __doc__)
+    if not cfg.data:
+        raise SystemExit("--data=ROWS.jsonl is required (make rows with keychain.py)")
+    trainer = Trainer(cfg)
+    last = trainer.run()
+    if trainer.rank == 0 and last:
+        print(json.dumps(last))
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

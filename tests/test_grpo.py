@@ -1,0 +1,208 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+import keychain as kc
+import rollout
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "grpo_worker.py"
+
+
+# ----------------------------------------------------------------------------- loss pieces, by hand
+def test_group_advantages_exact():
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    a = grpo.group_advantages(r)
+    s = math.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+    assert torch.allclose(a[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-6))
+    assert torch.equal(a[1], torch.zeros(4))
+    assert torch.allclose(grpo.group_advantages(r, use_std=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_kl_k3_exact():
+    logp, ref = torch.log(torch.tensor([0.5, 0.3])), torch.log(torch.tensor([0.25, 0.3]))
+    k = grpo.kl_k3(logp, ref)
+    assert torch.allclose(k, torch.tensor([0.5 + math.log(2) - 1, 0.0]), atol=1e-7)
+    assert grpo.kl_k3(torch.tensor([0.0]), torch.tensor([-100.0])).item() == 10.0  # clamped like the public code
+
+
+def test_policy_loss_clipping_exact():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, clipped = grpo.policy_loss(logp, old, adv, 0.2, 0.2)
+    assert torch.allclose(loss, torch.tensor([-1.2, 1.5, -0.5, 0.8]))
+    assert clipped.tolist() == [1.0, 0.0, 0.0, 1.0]
+    w = torch.tensor([0.5, 1.0, 2.0, 1.0])
+    assert torch.allclose(grpo.policy_loss(logp, old, adv, 0.2, 0.28, w)[0], torch.tensor([-0.64, 1.5, -1.0, 0.8]))
+
+
+def test_pack_respects_the_token_budget():
+    lengths = [5, 9, 3, 12, 7, 1, 20]
+    bins = grpo.pack(lengths, 12)
+    assert sorted(i for b in bins for i in b) == list(range(7))
+    assert all(sum(lengths[i] for i in b) <= 12 or len(b) == 1 for b in bins)
+    assert [6] in bins and len(bins) == 5  # 20 alone; 12; 9+3; 7+5; 1 fits with the rest
+
+
+def test_hash_seed_is_stable():
+    assert grpo.hash_seed(0, 1, 2) == grpo.hash_seed(0, 1, 2) != grpo.hash_seed(0, 2, 1)
+    assert grpo.hash_seed(0, 0, 0) == 982667905  # fixed across processes and Python versions
+
+
+# ----------------------------------------------------------------------------- log-probs: packed, chunked
+@pytest.fixture(scope="module")
+def lm(tiny_tok):
+    return rollout.tiny_model(len(tiny_tok), seed=0).train()
+
+
+def seqs_for(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt": torch.randint(0, 250, (5 + 3 * i,), generator=g).tolist(),
+             "completion": torch.randint(0, 250, (4 + 2 * i,), generator=g).tolist()} for i in range(n)]
+
+
+def test_packed_logprobs_equal_unpacked(lm):
+    pol = grpo.Policy(lm, chunk=1024)
+    seqs = seqs_for()
+    packed, _ = pol(*grpo.packed_inputs(seqs, torch.device("cpu")))
+    alone = torch.cat([pol(*grpo.packed_inputs([s], torch.device("cpu")))[0] for s in seqs])
+    assert packed.shape == (sum(len(s["completion"]) for s in seqs),)
+    assert torch.allclose(packed, alone, atol=1e-5)
+    # and the naive full-logits path on one unpadded sequence agrees too
+    s = seqs[1]
+    ids, pos, at, tgt = grpo.packed_inputs([s], torch.device("cpu"))
+    assert torch.allclose(grpo.naive_logp(lm, ids, pos, at, tgt), pol(ids, pos, at, tgt)[0], atol=1e-5)
+
+
+def test_chunked_logprobs_and_grads_equal_full(lm):
+    seqs = seqs_for()
+    inputs = grpo.packed_inputs(seqs, torch.device("cpu"))
+    n = len(inputs[3])
+    wt = torch.linspace(-1, 1, n)
+
+    def loss_fn(lp, ent, sl):  # a non-linear per-token loss using both outputs
+        return (wt[sl] * lp + 0.1 * ent + 0.05 * lp.exp()).sum()
+
+    runs = []
+    for chunk in (3, 7, 10_000):
+        lm.zero_grad()
+        loss, lp, ent = grpo.Policy(lm, chunk=chunk)(*inputs, loss_fn=loss_fn)
+        loss.backward()
+        runs.append((loss.detach(), lp, ent, [p.grad.clone() for p in lm.parameters()]))
+    lm.zero_grad()  # the reference: full logits and plain autograd
+    logp_all = torch.log_softmax(lm(input_ids=inputs[0], position_ids=inputs[1], use_cache=False).logits[0], -1)[inputs[2]]
+    lp = logp_all.gather(-1, inputs[3][:, None])[:, 0]
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    loss = loss_fn(lp, ent, slice(0, n))
+    loss.backward()
+    ref = [p.grad.clone() for p in lm.parameters()]
+    for l2, lp2, ent2, g2 in runs:
+        assert torch.allclose(l2, loss, atol=1e-5) and torch.allclose(lp2, lp, atol=1e-5)
+        assert torch.allclose(ent2, ent, atol=1e-5)
+        assert all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(g2, ref))
+    with torch.no_grad():  # the no-gradient path (old and reference log-probs) agrees as well
+        lp3, ent3 = grpo.Policy(lm, chunk=5)(*inputs)
+    assert torch.allclose(lp3, lp, atol=1e-5) and torch.allclose(ent3, ent, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- whole runs
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory, tiny_tok):
+    """Short math rows (about 530 byte-tokens each): quick to generate from on the CPU."""
+    d = tmp_path_factory.mktemp("grpo_data")
+    raw = kc.generate_raw(str(d / "raw"), n=40, seed=0)
+    rows, _ = kc.synth(kc.Config(input=raw["dapo"], max_tokens=1024), tiny_tok)
+    kc.write_rows(d / "rows.jsonl", rows)
+    return str(d / "rows.jsonl")
+
+
+ARGS = ["--model=tiny", "--batch_prompts=4", "--group=4", "--max_new_tokens=12", "--lr=1e-3", "--kl_coef=0.01",
+        "--micro_tokens=1200", "--log_samples=2", "--seed=5"]
+
+
+def run_worker(out, rows_file, nproc=0, extra=()):
+    args = [f"--data={rows_file}", f"--out_dir={out}", *ARGS, *extra]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), *args]
+    else:
+        cmd = [sys.executable, str(WORKER), *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def exported(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "hf" / "model.safetensors"))
+
+
+def log_lines(out):
+    return [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_one_step_two_processes_equals_one(rows_file, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_worker(one, rows_file, nproc=1, extra=["--steps=1"])
+    run_worker(two, rows_file, nproc=2, extra=["--steps=1"])
+    a, b = exported(one), exported(two)
+    start = rollout.tiny_model(259, seed=5).state_dict()
+    assert a.keys() == b.keys()
+    assert any(not torch.allclose(a[k], start[k]) for k in a)  # the step changed the weights
+    # gradients: same norm before clipping (FSDP2 on gloo must average, not sum, over ranks) and same loss
+    la, lb = log_lines(one)[0], log_lines(two)[0]
+    assert la["reward"] == lb["reward"] and la["dropped_groups"] == lb["dropped_groups"] == 0
+    assert lb["grad_norm"] == pytest.approx(la["grad_norm"], rel=1e-5) and lb["loss"] == pytest.approx(la["loss"], rel=1e-5)
+    # parameters: Adam's first step is lr * g / (|g| + eps), so entries whose gradient is ~eps differ by
+    # float noise up to a fraction of lr (1e-3); anything systematic would move every entry by ~lr
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+    assert sum((a[k] - b[k]).abs().sum() for k in a) < 1e-3 * sum((a[k] - start[k]).abs().sum() for k in a)
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(rows_file, tmp_path):
+    full, crash = tmp_path / "full", tmp_path / "crash"
+    run_worker(full, rows_file, extra=["--steps=4", "--save_every=2"])
+    run_worker(crash, rows_file, extra=["--steps=4", "--save_every=2", "--stop_after=3"])  # dies after step 3
+    assert [p.name for p in (crash / "ckpt").iterdir()] == ["step_000002"] and not (crash / "hf").exists()
+    r = run_worker(crash, rows_file, extra=["--steps=4", "--save_every=2"])
+    assert "resumed from" in r.stdout and "step 2" in r.stdout
+    a, b = exported(full), exported(crash)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    lines = lambda out: [(json.loads(x)["step"], json.loads(x)["id"], json.loads(x)["k"])  # noqa: E731
+                         for x in (Path(out) / "mining.jsonl").read_text().splitlines()]
+    f, c = lines(full), lines(crash)
+    at = lambda step: [x for x in f if x[0] == step]  # noqa: E731
+    assert c == at(1) + at(2) + at(3) + at(3) + at(4)  # step 3 ran twice: same prompts, same rewards
+    assert sorted(p.name for p in (crash / "ckpt").iterdir()) == ["step_000002", "step_000004"]
+
+
+def test_learning_raises_the_reward(rows_file, tmp_path):
+    out = tmp_path / "learn"
+    run_worker(out, rows_file, extra=["--steps=30", "--lr=3e-3", "--kl_coef=0", "--group=8", "--save_every=0",
+                                      "--max_new_tokens=16"])
+    rew = [x["reward"] for x in log_lines(out)]
+    start, end = sum(rew[:3]) / 3, sum(rew[-3:]) / 3
+    assert end > max(0.4, 2 * start), rew
+
+
+def test_nan_reward_skips_the_step(rows_file, tmp_path):
+    cfg = grpo.Config(data=rows_file, out_dir=str(tmp_path / "nan"), model="tiny", batch_prompts=2, group=4,
+                      max_new_tokens=8, steps=1, kl_coef=0.0, drop_equal_groups=False, export=False, seed=5)
+    tr = grpo.Trainer(cfg, reward_fn=lambda rows, texts: [(math.nan if i == 0 else float(i % 2), {})
+                                                          for i in range(len(texts))])
+    before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
+    last = tr.run()
+    assert last["skipped_steps"] == 1
+    assert all(torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
+    assert (tmp_path / "nan" / "rollouts" / "step_000001.jsonl").exists()
