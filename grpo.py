@@ -300,6 +300,7 @@ class Trainer:
 
         self.mesh = init_device_mesh(self.device.type, (self.world,))
         self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
         tok_name = cfg.tokenizer or ("" if cfg.model == "tiny" else cfg.model)
         if self.rank == 0:  # the tiny tokenizer is written once, then read by every rank
             keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
@@ -640,9 +641,19 @@ def main(argv: list[str]) -> int:
     last = trainer.run()
     if trainer.rank == 0 and last:
         print(json.dumps(last))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish()
     return 0
+
+
+def finish() -> None:
+    """End the process group. Tearing gloo down after FSDP2 has been seen to abort a finished run now and
+    then, so on gloo the process leaves without teardown once every rank is past the last barrier."""
+    dist.barrier()
+    if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

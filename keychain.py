@@ -465,7 +465,7 @@ def _facts(W: dict, e: str) -> list[str]:
 
 def _paragraph(W: dict, e: str, rng: random.Random) -> list[str]:
     lore = [t.format(n=e, adj=rng.choice(ADJ), dec=rng.randrange(1900, 2000, 10), k=rng.randint(2, 9))
-            for t in rng.sample(LORE, rng.randint(1, 3))]
+            for t in rng.sample(LORE, rng.randint(1, 2))]
     return _facts(W, e) + lore
 
 

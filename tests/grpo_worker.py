@@ -21,5 +21,4 @@ if __name__ == "__main__":
     cfg = keychain.parse_config(grpo.Config, sys.argv[1:], __doc__)
     trainer = grpo.Trainer(cfg, reward_fn=share_of_lowercase)
     trainer.run()
-    grpo.dist.barrier()
-    grpo.dist.destroy_process_group()
+    grpo.finish()

@@ -1,0 +1,308 @@
+"""The multi-stage curriculum (LOONGRL.md sections 3 and 6): warmup -> Stage I -> hard mining -> Stage II.
+
+    python curriculum.py check   --preset=7b --run_dir=runs/7b --model=Qwen/Qwen2.5-7B-Instruct --nproc=8
+    python curriculum.py prepare --preset=tiny --run_dir=runs/tiny          # build (or reuse) every stage's data
+    torchrun ... curriculum.py mine --run_dir=runs/tiny --model=runs/tiny/stage1/hf   # sample G times, drop G/G
+    python curriculum.py summary --run_dir=runs/tiny
+
+train.sh runs these around grpo.py. A run directory shows what happened:
+    data/      raw/ (tiny: generated), one file per part, warmup.jsonl, stage1.jsonl, stage2.jsonl, manifest.json
+    warmup/ stage1/ stage2/   grpo.py out_dirs: ckpt/, hf/ (written last: the stage is done), log.jsonl,
+                              rollouts/, mining.jsonl (every item's rewards during training)
+    mining/    counts.jsonl (id, n, k per Stage I item), report.json
+    eval/      eval.py output;  summary.md   the whole run in one page
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import keychain
+
+# The training mixture (paper section 3), the one place to change sizes: rows per part at scale 1.
+MIX = {"keychain": 7500, "qa": 7500, "ruler": 1024, "math": 5000}
+QA_SOURCES = ("hotpotqa", "2wiki", "musique")  # KeyChain and plain QA rows split evenly over these
+MATH_SOURCES = ("dapo", "mathqa")  # math rows split evenly: DAPO-Math-17k and MathQA multiple choice
+STAGES = {"warmup": ("qa", "ruler", "math"),  # no KeyChain yet
+          "stage1": ("keychain", "qa", "ruler", "math")}  # stage2 = Stage I items not solved G/G
+
+
+@dataclass
+class Config:
+    command: str = "prepare"  # check | prepare | mine | summary
+    preset: str = "tiny"
+    run_dir: str = ""  # default runs/<preset>
+    tokenizer: str = ""  # the policy's tokenizer (empty: the tiny byte tokenizer)
+    model: str = ""  # check: the model to validate; mine: the Stage I checkpoint
+    scale: float = 1.0  # multiplies every MIX size (tiny: 0.002)
+    max_tokens: int = 16384
+    key_style: str = "uuid"
+    seed: int = 0
+    # raw files (train.sh fills them from HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA, HAYSTACK)
+    hotpotqa: str = ""
+    twowiki: str = ""
+    musique: str = ""
+    dapo: str = ""
+    mathqa: str = ""
+    haystack: str = ""  # a book for the RULER needles; empty = the synthetic haystack
+    nproc: int = 0  # check: GPUs needed on this node (0 = CPU run)
+    # hard mining
+    mine_mode: str = "sample"  # sample: G fresh samples per item | rollouts: Stage I's own rollouts
+    group: int = 8
+    temperature: float = 0.6
+    max_new_tokens: int = 4096
+    engine: str = "auto"  # rollout engine for sampling (auto: vllm on GPU when installed)
+    tp: int = 1
+    batch: int = 64  # prompts per generate call
+
+
+# ----------------------------------------------------------------------------- data preparation
+def raw_paths(cfg: Config, run: Path) -> dict[str, str]:
+    """The raw files of each source; the tiny preset generates its own."""
+    if cfg.preset == "tiny":
+        raw = run / "data" / "raw"
+        names = {"hotpotqa": "hotpotqa.json", "2wiki": "2wiki.json", "musique": "musique.jsonl",
+                 "dapo": "dapo.jsonl", "mathqa": "mathqa.json"}
+        if not all((raw / f).exists() for f in names.values()):
+            keychain.generate_raw(str(raw), n=120, seed=cfg.seed)
+        return {**{k: str(raw / f) for k, f in names.items()}, "haystack": ""}
+    return {"hotpotqa": cfg.hotpotqa, "2wiki": cfg.twowiki, "musique": cfg.musique, "dapo": cfg.dapo,
+            "mathqa": cfg.mathqa, "haystack": cfg.haystack}
+
+
+def sizes(scale: float) -> dict[str, dict[str, int]]:
+    """Rows per part and source: each part's total split as evenly as possible over its sources."""
+    out = {}
+    for part, n in MIX.items():
+        total = max(1, round(n * scale))
+        srcs = QA_SOURCES if part in ("keychain", "qa") else MATH_SOURCES if part == "math" else ("ruler",)
+        out[part] = {s: total // len(srcs) + (i < total % len(srcs)) for i, s in enumerate(srcs)}
+    return out
+
+
+def manifest(cfg: Config, raw: dict[str, str]) -> dict:
+    """Everything the built data depends on; equal manifests mean the data can be reused."""
+    files = {k: [p, os.path.getsize(p), int(os.path.getmtime(p))] if p else None for k, p in raw.items()}
+    keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "seed")
+    return {"settings": {k: getattr(cfg, k) for k in keys}, "mix": sizes(cfg.scale), "raw": files,
+            "code": hashlib.sha256(Path(keychain.__file__).read_bytes()).hexdigest()[:16]}
+
+
+def prepare(cfg: Config, run: Path) -> dict[str, Path]:
+    """Build every part and the stage mixes under run/data, or reuse them when the manifest is unchanged."""
+    data = run / "data"
+    raw = raw_paths(cfg, run)
+    missing = [f"{k}: {p or '(not set)'}" for k, p in raw.items() if k != "haystack" and not (p and Path(p).exists())]
+    if missing:
+        raise SystemExit("missing raw files (set HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA):\n  " + "\n  ".join(missing))
+    man = manifest(cfg, raw)
+    stages = {s: data / f"{s}.jsonl" for s in STAGES}
+    man_path = data / "manifest.json"
+    if man_path.exists() and json.loads(man_path.read_text()) == man and all(p.exists() for p in stages.values()):
+        print(f"data: reusing {data} (same settings)")
+        return stages
+    tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(data / "tiny-tokenizer"))
+    base = keychain.Config(max_tokens=cfg.max_tokens, key_style=cfg.key_style, seed=cfg.seed, haystack=raw["haystack"])
+    parts: dict[str, list[dict]] = {}
+    for part, per_source in sizes(cfg.scale).items():
+        rows, stats = [], {}
+        for src, n in per_source.items():
+            # plain QA draws its items with another seed than KeyChain, so the two parts share few items
+            c = dataclasses.replace(base, kind=part, n=n, source=src,
+                                    input=raw.get(src, ""), seed=cfg.seed + (part == "qa"))
+            got, st = keychain.synth(c, tok)
+            rows += got
+            stats.update({f"{src} {k}": v for k, v in st.items()})
+            if len(got) < n:
+                print(f"warning: {part}/{src}: {len(got)} rows of {n} wanted ({st})")
+        keychain.write_rows(data / f"{part}.jsonl", rows)
+        parts[part] = rows
+    for stage, names in STAGES.items():
+        mix = [r for p in names for r in parts[p]]
+        random.Random(f"{cfg.seed}/{stage}").shuffle(mix)
+        keychain.write_rows(stages[stage], mix)
+    keychain.atomic_write(man_path, lambda tmp: tmp.write_text(json.dumps(man, indent=1)))
+    print(keychain.summarize([r for rows in parts.values() for r in rows], {}))
+    return stages
+
+
+# ----------------------------------------------------------------------------- hard mining
+def mine_from_counts(rows: list[dict], counts: dict[str, tuple[int, int]]) -> tuple[list[dict], dict]:
+    """Keep the items not solved every time (k < n); report 0/n, partly and n/n per source."""
+    report: dict = {}
+    kept = []
+    for r in rows:
+        if r["id"] not in counts:
+            raise SystemExit(f"mining: no pass count for item {r['id']!r}")
+        n, k = counts[r["id"]]
+        bucket = "solved 0/G" if k == 0 else "solved G/G" if k == n else "partly"
+        src = report.setdefault(r["source"], {"solved 0/G": 0, "partly": 0, "solved G/G": 0})
+        src[bucket] += 1
+        if k < n:
+            kept.append(r)
+    report["total"] = {b: sum(v[b] for k, v in report.items() if k != "total") for b in ("solved 0/G", "partly", "solved G/G")}
+    return kept, report
+
+
+def counts_from_rollouts(path: Path) -> dict[str, tuple[int, int]]:
+    """Stage I's own rollouts (grpo.py's mining.jsonl), summed over every time an item was drawn."""
+    counts: dict = {}
+    for _, rec in keychain.read_records(path):
+        n, k = counts.get(rec["id"], (0, 0))
+        counts[rec["id"]] = (n + rec["n"], k + rec["k"])
+    return counts
+
+
+def sample_counts(cfg: Config, rows: list[dict], out: Path) -> dict[str, tuple[int, int]]:
+    """G samples per item at temperature 0.6 with the Stage I checkpoint, over all ranks (torchrun).
+
+    Each rank appends its counts to out/counts.rank{r}.jsonl as it goes; a rerun skips what is there."""
+    import torch.distributed as dist
+
+    import grpo
+    import reward
+    import rollout
+
+    rank, world, device = grpo.init_distributed(grpo.Config(device="auto"))
+    tok = keychain.load_tokenizer(cfg.tokenizer or cfg.model)
+    part = out / f"counts.rank{rank}.jsonl"
+    done = {rec["id"] for _, rec in keychain.read_records(part)} if part.exists() else set()
+    mine = [r for r in rows[rank::world] if r["id"] not in done]
+    kind = cfg.engine if cfg.engine != "auto" else ("vllm" if device.type == "cuda" and grpo._has("vllm") else "hf")
+    rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                          max_prompt_tokens=max([r.get("num_tokens", 0) for r in rows] + [cfg.max_tokens]),
+                          device=str(device), tp=cfg.tp, seed=cfg.seed)
+    engine = rollout.make_engine(rcfg, cfg.model, tok)
+    from tqdm import tqdm
+
+    for s in tqdm(range(0, len(mine), cfg.batch), desc="mining", disable=rank != 0):
+        batch = mine[s:s + cfg.batch]
+        ids = [tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in batch]
+        outs = engine.generate(ids, seed=[grpo.hash_seed(cfg.seed, 7, hash_id(r["id"])) for r in batch])
+        scored = reward.score_batch([r for r in batch for _ in range(cfg.group)], [c.text for cs in outs for c in cs])
+        with open(part, "a") as f:
+            for i, r in enumerate(batch):
+                k = sum(x >= 1.0 for x, _ in scored[i * cfg.group:(i + 1) * cfg.group])
+                f.write(json.dumps({"id": r["id"], "n": cfg.group, "k": int(k)}) + "\n")
+    dist.barrier()
+    counts = {}
+    for r in range(world):
+        for _, rec in keychain.read_records(out / f"counts.rank{r}.jsonl"):
+            counts[rec["id"]] = (rec["n"], rec["k"])
+    return counts
+
+
+def hash_id(s: str) -> int:
+    return int(hashlib.sha256(s.encode()).hexdigest()[:8], 16)
+
+
+def mine(cfg: Config, run: Path) -> None:
+    rows = keychain.read_rows(run / "data" / "stage1.jsonl")
+    out = run / "mining"
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.mine_mode == "rollouts":
+        counts = counts_from_rollouts(run / "stage1" / "mining.jsonl")
+        rows = [r for r in rows if r["id"] in counts]  # items Stage I never drew stay out
+    else:
+        counts = sample_counts(cfg, rows, out)
+        if int(os.environ.get("RANK", 0)) != 0:
+            import grpo
+
+            grpo.finish()
+            return
+    kept, report = mine_from_counts(rows, counts)
+    keychain.write_rows(out / "counts.jsonl", [{"id": i, "n": n, "k": k} for i, (n, k) in counts.items()])
+    keychain.write_rows(run / "data" / "stage2.jsonl", kept)
+    keychain.atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
+    print(f"hard mining ({cfg.mine_mode}): kept {len(kept)} of {len(rows)} Stage I items")
+    print(report_table(report))
+    if cfg.mine_mode == "sample":
+        import grpo
+
+        grpo.finish()
+
+
+def report_table(report: dict) -> str:
+    lines = ["| source | solved 0/G | partly | solved G/G |", "|---|---|---|---|"]
+    for src, v in report.items():
+        lines.append(f"| {src} | {v['solved 0/G']} | {v['partly']} | {v['solved G/G']} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- checks and summary
+def check(cfg: Config, run: Path) -> None:
+    """Fail fast, before any heavy work: raw files, the model, and this node's GPUs."""
+    errors = []
+    if cfg.preset != "tiny":
+        raw = raw_paths(cfg, run)
+        errors += [f"raw file for {k} not found: {p or '(not set)'}" for k, p in raw.items()
+                   if k != "haystack" and not (p and Path(p).exists())]
+        if raw["haystack"] and not Path(raw["haystack"]).exists():
+            errors.append(f"HAYSTACK file not found: {raw['haystack']}")
+    if cfg.model and cfg.model != "tiny" and not (Path(cfg.model) / "config.json").exists():
+        try:  # a hub id: resolving its config is cheap and proves the name and access
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(cfg.model)
+        except Exception as e:  # noqa: BLE001 - any failure means we cannot start
+            errors.append(f"model {cfg.model!r}: not a local folder with config.json, and loading it failed: {e}")
+    if cfg.nproc:
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have < cfg.nproc:
+            errors.append(f"this node has {have} GPU(s); preset {cfg.preset} needs {cfg.nproc}")
+    if errors:
+        raise SystemExit("cannot start:\n  " + "\n  ".join(errors))
+    print(f"check: preset {cfg.preset} ready")
+
+
+def summary(run: Path) -> str:
+    lines = [f"# {run}", "", "| stage | rows | steps | reward first 3 | reward last 3 | done |", "|---|---|---|---|---|---|"]
+    for stage in ("warmup", "stage1", "stage2"):
+        data, log = run / "data" / f"{stage}.jsonl", run / stage / "log.jsonl"
+        n = sum(1 for _ in open(data)) if data.exists() else 0
+        steps = {}
+        if log.exists():
+            for line in log.read_text().splitlines():
+                rec = json.loads(line)
+                steps[rec["step"]] = rec["reward"]  # a resumed step logs twice: keep the last
+        rew = [steps[k] for k in sorted(steps)]
+        mean = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "-"  # noqa: E731
+        lines.append(f"| {stage} | {n} | {len(rew)} | {mean(rew[:3])} | {mean(rew[-3:])} | "
+                     f"{'yes' if (run / stage / 'hf').exists() else 'no'} |")
+    rep = run / "mining" / "report.json"
+    if rep.exists():
+        lines += ["", "Hard mining (Stage I items, G samples each):", "", report_table(json.loads(rep.read_text()))]
+    ev = run / "eval" / "table.md"
+    if ev.exists():
+        lines += ["", "Evaluation:", "", ev.read_text().strip()]
+    text = "\n".join(lines) + "\n"
+    keychain.atomic_write(run / "summary.md", lambda tmp: tmp.write_text(text))
+    return text
+
+
+def main(argv: list[str]) -> int:
+    cfg = keychain.parse_config(Config, argv, __doc__)
+    run = Path(cfg.run_dir or f"runs/{cfg.preset}")
+    if cfg.command == "check":
+        check(cfg, run)
+    elif cfg.command == "prepare":
+        prepare(cfg, run)
+    elif cfg.command == "mine":
+        mine(cfg, run)
+    elif cfg.command == "summary":
+        print(summary(run))
+    else:
+        raise SystemExit(f"unknown command {cfg.command!r}: check | prepare | mine | summary")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

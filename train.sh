@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# LoongRL's three-stage run: data -> warmup -> Stage I -> hard mining -> Stage II -> evaluation.
+#
+#   bash train.sh tiny         CPU, tiny random model, generated data, 2 processes: the whole pipeline in minutes
+#   bash train.sh 7b           Qwen2.5-7B-Instruct on 2 nodes x 8 A100 80GB (run the same command on each node)
+#   bash train.sh 14b          Qwen2.5-14B-Instruct on 2 nodes x 8 A100 80GB
+#   bash train.sh 7b-mi300x    Qwen2.5-7B-Instruct on 1 node x 8 MI300X (ROCm)
+#
+# Environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node, as for torchrun), NPROC_PER_NODE,
+# RUN_DIR (default runs/<preset>), MODEL (hub id or local folder), PYTHON (default python),
+# raw data: HOTPOTQA, TWOWIKI, MUSIQUE (the QA sources), DAPO (DAPO-Math-17k parquet), MATHQA (json),
+# HAYSTACK (optional book for the RULER needles); stage lengths: WARMUP_EPOCHS, STAGE1_EPOCHS, STAGE2_EPOCHS.
+# Re-running the same command resumes: finished stages are skipped, the current one continues from its last
+# checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=${1:-}
+PY=${PYTHON:-python}
+die() { echo "train.sh: $*" >&2; exit 2; }
+int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"; }
+
+case "$PRESET" in
+  tiny)
+    MODEL=${MODEL:-tiny}; NNODES=1; NPROC=${NPROC_PER_NODE:-2}; GPUS=0
+    DATA="--scale=0.002 --max_tokens=8192 --key_style=short"
+    RL="--device=cpu --batch_prompts=4 --group=4 --max_new_tokens=24 --lr=1e-4 --micro_tokens=20000 --save_every=2 --engine=hf"
+    STEPS_WARMUP="--steps=2"; STEPS_1="--steps=4"; STEPS_2="--steps=2"
+    MINE="--group=4 --max_new_tokens=24 --engine=hf --batch=8"
+    EVAL="--benchmarks=ruler,needle --ruler_lengths=1024,2048 --ruler_samples=2 --needle_lengths=1024,2048 --needle_depths=3 --max_new_tokens=16"
+    ;;
+  7b|14b|7b-mi300x)
+    case "$PRESET" in
+      7b)        MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct};  NNODES=${NNODES:-2}; TP=2 ;;
+      14b)       MODEL=${MODEL:-Qwen/Qwen2.5-14B-Instruct}; NNODES=${NNODES:-2}; TP=4 ;;
+      7b-mi300x) MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct};  NNODES=${NNODES:-1}; TP=1 ;;  # 192 GB per GPU
+    esac
+    NPROC=${NPROC_PER_NODE:-8}; GPUS=$NPROC
+    DATA="--tokenizer=$MODEL --scale=1 --max_tokens=16384 --key_style=uuid --hotpotqa=${HOTPOTQA:-} --twowiki=${TWOWIKI:-} --musique=${MUSIQUE:-} --dapo=${DAPO:-} --mathqa=${MATHQA:-} --haystack=${HAYSTACK:-}"
+    # paper: G=8, lr 1e-6, KL 0.001 (k3), clip 0.2, 16K prompt + 4K response, ~256 prompts per step, ~24K tokens per GPU
+    RL="--batch_prompts=256 --group=8 --max_prompt_tokens=16384 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10"
+    [ "$PRESET" = 7b-mi300x ] && RL="$RL --micro_tokens=49152"  # 192 GB HBM; no flash-attn wheel assumed: SDPA unless installed
+    STEPS_WARMUP="--epochs=${WARMUP_EPOCHS:-1}"; STEPS_1="--epochs=${STAGE1_EPOCHS:-1}"; STEPS_2="--epochs=${STAGE2_EPOCHS:-1}"
+    MINE="--group=8 --temperature=0.6 --max_new_tokens=4096 --tp=$TP"
+    EVAL="--benchmarks=ruler,needle --tp=$TP"
+    ;;
+  "") die "usage: bash train.sh PRESET   (tiny | 7b | 14b | 7b-mi300x)" ;;
+  *) die "unknown preset '$PRESET' (tiny | 7b | 14b | 7b-mi300x)" ;;
+esac
+
+NODE_RANK=${NODE_RANK:-0}; MASTER_PORT=${MASTER_PORT:-29500}
+int NNODES "$NNODES"; int NODE_RANK "$NODE_RANK"; int NPROC_PER_NODE "$NPROC"; int MASTER_PORT "$MASTER_PORT"
+[ "$NNODES" -ge 1 ] && [ "$NPROC" -ge 1 ] || die "NNODES and NPROC_PER_NODE must be at least 1"
+[ "$NODE_RANK" -lt "$NNODES" ] || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+if [ "$NNODES" -gt 1 ]; then
+  [ -n "${MASTER_ADDR:-}" ] || die "NNODES=$NNODES needs MASTER_ADDR (the address of node 0)"
+  LAUNCH="--nnodes=$NNODES --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR --master_port=$MASTER_PORT"
+else
+  LAUNCH="--standalone"
+fi
+RUN=${RUN_DIR:-runs/$PRESET}
+TORCHRUN="$PY -m torch.distributed.run $LAUNCH --nproc_per_node=$NPROC"
+say() { echo; echo "==== [$PRESET] $*"; }
+
+# fail before any heavy work: raw files, the model, this node's GPUs
+$PY curriculum.py check --preset="$PRESET" --run_dir="$RUN" --model="$MODEL" --nproc="$GPUS" $DATA
+
+say "data -> $RUN/data"
+$PY curriculum.py prepare --preset="$PRESET" --run_dir="$RUN" $DATA
+
+prev=$MODEL
+for stage in warmup stage1; do
+  if [ -f "$RUN/$stage/hf/config.json" ]; then
+    say "$stage: done, skipping"
+  else
+    steps=$STEPS_1; [ $stage = warmup ] && steps=$STEPS_WARMUP
+    say "$stage: GRPO from $prev"
+    $TORCHRUN grpo.py --data="$RUN/data/$stage.jsonl" --model="$prev" --out_dir="$RUN/$stage" $RL $steps
+  fi
+  prev=$RUN/$stage/hf
+done
+
+if [ -f "$RUN/mining/report.json" ] && [ -f "$RUN/data/stage2.jsonl" ]; then
+  say "hard mining: done, skipping"
+else
+  say "hard mining: every Stage I item sampled G times with $prev"
+  $TORCHRUN curriculum.py mine --preset="$PRESET" --run_dir="$RUN" --model="$prev" $MINE $DATA
+fi
+
+if [ -f "$RUN/stage2/hf/config.json" ]; then
+  say "stage2: done, skipping"
+else
+  say "stage2: GRPO on the mined items from $prev"
+  $TORCHRUN grpo.py --data="$RUN/data/stage2.jsonl" --model="$prev" --out_dir="$RUN/stage2" $RL $STEPS_2
+fi
+
+if [ "$NODE_RANK" = 0 ]; then
+  if [ -f "$RUN/eval/table.md" ]; then
+    say "evaluation: done, skipping"
+  elif [ -f eval.py ]; then
+    say "evaluation of $RUN/stage2/hf"
+    $PY eval.py --model="$RUN/stage2/hf" --out_dir="$RUN/eval" $EVAL
+  fi
+  say "summary"
+  $PY curriculum.py summary --run_dir="$RUN"
+  echo "results: $RUN (summary.md, */log.jsonl, */rollouts/, mining/report.json, eval/)"
+fi
