@@ -350,13 +350,10 @@ class Trainer:
 
     # -- data: a seeded permutation per epoch; step s takes positions [s*B, (s+1)*B) of the stream
     def batch_indices(self, step: int) -> list[int]:
-        B, n = self.cfg.batch_prompts, len(self.rows)
-        out = []
-        for pos in range(step * B, (step + 1) * B):
-            epoch, i = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-            out.append(int(perm[i]))
-        return out
+        B, n, perms = self.cfg.batch_prompts, len(self.rows), {}
+        for epoch in {pos // n for pos in range(step * B, (step + 1) * B)}:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+        return [int(perms[pos // n][pos % n]) for pos in range(step * B, (step + 1) * B)]
 
     def encode(self, row: dict) -> list[int]:
         ids = self.tok(keychain.render_prompt(self.tok, row["messages"]), add_special_tokens=False)["input_ids"]
@@ -423,7 +420,8 @@ class Trainer:
         self.score_logps(self.policy, seqs, "old")
         if self.ref is not None:
             self.score_logps(self.ref, seqs, "ref")
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": [], "skipped": 0}
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": [], "skipped": 0,
+                 "entropy": (sum(float(s["entropy"].sum()) for s in seqs), sum(len(s["completion"]) for s in seqs))}
         for _ in range(cfg.ppo_epochs):
             order = seqs[:]
             random.Random(hash_seed(cfg.seed, self.step, self.rank)).shuffle(order)
@@ -495,8 +493,9 @@ class Trainer:
             self.engine.sleep()
             t1 = time.time()
             st = self.update(seqs)
-            self.engine.wake()
+            # the push wakes vLLM in the safe order (weights, push, KV cache, prefix reset); HF: copy, then move
             self.push_weights()
+            self.engine.wake()
             t_upd = time.time() - t1
             self.step += 1
             last = self.log_step(info, st, t_upd, time.time() - t0, logf, wb)
@@ -526,6 +525,7 @@ class Trainer:
                 "truncated": mean([float(r["finish"] == "length") for r in recs]),
                 "dropped_groups": int(tot(info["dropped"])), "groups": int(tot(info["groups"])),
                 "loss": tot(st["loss"]), "kl": tot(st["kl"]), "clip_frac": tot(st["clip_frac"]),
+                "entropy": tot(st["entropy"][0]) / max(tot(st["entropy"][1]), 1),
                 "grad_norm": mean(st["grad_norm"]), "skipped_steps": int(all_max(st["skipped"], self.device)),
                 "t_gen": all_max(info["t_gen"], self.device), "t_update": all_max(t_upd, self.device),
                 "update_tok_per_s": tot(st["tokens"]) / max(all_max(t_upd, self.device), 1e-9), "t_step": t_all}

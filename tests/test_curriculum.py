@@ -1,0 +1,124 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import curriculum as cur
+import keychain as kc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mixture_sizes_follow_the_paper_and_scale():
+    s = cur.sizes(1.0)
+    assert s == {"keychain": {"hotpotqa": 2500, "2wiki": 2500, "musique": 2500},
+                 "qa": {"hotpotqa": 2500, "2wiki": 2500, "musique": 2500},
+                 "ruler": {"ruler": 1024}, "math": {"dapo": 2500, "mathqa": 2500}}
+    assert cur.sizes(0.001) == {"keychain": {"hotpotqa": 3, "2wiki": 3, "musique": 2},
+                                "qa": {"hotpotqa": 3, "2wiki": 3, "musique": 2},
+                                "ruler": {"ruler": 1}, "math": {"dapo": 3, "mathqa": 2}}
+    assert "keychain" not in cur.STAGES["warmup"] and set(cur.STAGES["stage1"]) == set(cur.MIX)
+
+
+def tiny_cfg(run, **kw):
+    return cur.Config(preset="tiny", run_dir=str(run), scale=0.002, max_tokens=8192, key_style="short", **kw)
+
+
+def test_prepare_builds_the_stage_mixes_and_reuses_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    stages = cur.prepare(tiny_cfg(run), run)
+    s1, wu = kc.read_rows(stages["stage1"]), kc.read_rows(stages["warmup"])
+    count = lambda rows: {(r["kind"], r["source"]): sum(1 for x in rows if (x["kind"], x["source"]) == (r["kind"], r["source"]))  # noqa: E731
+                          for r in rows}
+    assert count(s1) == {("keychain", "hotpotqa"): 5, ("keychain", "2wiki"): 5, ("keychain", "musique"): 5,
+                         ("qa", "hotpotqa"): 5, ("qa", "2wiki"): 5, ("qa", "musique"): 5, ("ruler", "ruler"): 2,
+                         ("math", "dapo"): 5, ("choice", "mathqa"): 5}
+    assert {r["kind"] for r in wu} == {"qa", "ruler", "math", "choice"} and len(wu) == 27
+    assert len({r["id"] for r in s1}) == len(s1) and all(r["num_tokens"] <= 8192 for r in s1)
+    stamp = {p.name: p.stat().st_mtime_ns for p in (run / "data").glob("*.jsonl")}
+    capsys.readouterr()
+    cur.prepare(tiny_cfg(run), run)
+    assert "reusing" in capsys.readouterr().out
+    assert stamp == {p.name: p.stat().st_mtime_ns for p in (run / "data").glob("*.jsonl")}
+    cur.prepare(tiny_cfg(run, seed=1), run)  # another setting: rebuilt
+    assert kc.read_rows(run / "data" / "stage1.jsonl") != s1
+
+
+def test_mining_on_hand_made_counts():
+    rows = [{"id": f"r{i}", "source": src} for i, src in enumerate(["a", "a", "a", "b", "b"])]
+    counts = {"r0": (8, 0), "r1": (8, 3), "r2": (8, 8), "r3": (8, 7), "r4": (8, 8)}
+    kept, report = cur.mine_from_counts(rows, counts)
+    assert [r["id"] for r in kept] == ["r0", "r1", "r3"]
+    assert report == {"a": {"solved 0/G": 1, "partly": 1, "solved G/G": 1},
+                      "b": {"solved 0/G": 0, "partly": 1, "solved G/G": 1},
+                      "total": {"solved 0/G": 1, "partly": 2, "solved G/G": 2}}
+    with pytest.raises(SystemExit, match="no pass count for item 'r9'"):
+        cur.mine_from_counts(rows + [{"id": "r9", "source": "a"}], counts)
+
+
+def test_counts_from_stage_one_rollouts_sum_every_draw(tmp_path):
+    p = tmp_path / "mining.jsonl"
+    kc.write_rows(p, [{"id": "x", "n": 4, "k": 4, "step": 1}, {"id": "y", "n": 4, "k": 1, "step": 1},
+                      {"id": "x", "n": 4, "k": 3, "step": 9}])
+    assert cur.counts_from_rollouts(p) == {"x": (8, 7), "y": (4, 1)}
+
+
+# ----------------------------------------------------------------------------- train.sh
+def train_sh(*args, env=None, timeout=60):
+    e = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(["bash", "train.sh", *args], cwd=ROOT, capture_output=True, text=True, env=e, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,env,msg", [
+    ((), {}, "usage: bash train.sh PRESET"),
+    (("70b",), {}, "unknown preset '70b'"),
+    (("tiny",), {"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE must be a non-negative integer"),
+    (("7b",), {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK=2 must be below NNODES=2"),
+    (("7b",), {"NNODES": "2"}, "needs MASTER_ADDR"),
+    (("7b",), {"MASTER_PORT": "x"}, "MASTER_PORT must be a non-negative integer"),
+])
+def test_train_sh_rejects_bad_arguments(args, env, msg):
+    r = train_sh(*args, env={"MASTER_ADDR": "", **env})
+    assert r.returncode == 2 and msg in r.stderr
+
+
+def test_train_sh_checks_files_model_and_gpus_before_heavy_work(tmp_path):
+    run = tmp_path / "run7b"
+    t0 = time.time()
+    r = train_sh("7b", env={"RUN_DIR": str(run), "NNODES": "1", "HOTPOTQA": str(tmp_path / "nope.json"),
+                            "MODEL": str(tmp_path / "no-model")})
+    assert r.returncode != 0 and time.time() - t0 < 60
+    err = r.stderr
+    assert "cannot start" in err and "raw file for hotpotqa not found" in err and "raw file for 2wiki not found: (not set)" in err
+    assert "no-model" in err and "has 0 GPU(s); preset 7b needs 8" in err
+    assert not (run / "data").exists()
+
+
+def test_kill_in_stage_one_then_rerun_resumes(tmp_path):
+    run = tmp_path / "tiny"
+    env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(run), "HF_HUB_OFFLINE": "1"}
+    p = subprocess.Popen(["bash", "train.sh", "tiny"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 400
+    while not (run / "stage1" / "ckpt" / "step_000002").exists():
+        assert p.poll() is None and time.time() < deadline, "stage I never reached its first checkpoint"
+        time.sleep(0.5)
+    # the whole run in the middle of Stage I: train.sh's group, and torchrun's workers (their own sessions)
+    os.killpg(p.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-KILL", "-f", str(run)])
+    p.wait()
+    time.sleep(1)
+    assert not (run / "stage1" / "hf").exists()
+    r = subprocess.run(["bash", "train.sh", "tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert "reusing" in out and "warmup: done, skipping" in out and "resumed from" in out
+    steps = [json.loads(x)["step"] for x in (run / "stage1" / "log.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4 and 3 not in steps[:2]
+    summary = (run / "summary.md").read_text()
+    assert "| stage1 | 42 | 4 |" in summary and "solved 0/G" in summary and (run / "stage2" / "hf").exists()
