@@ -10,7 +10,7 @@ train.sh runs these around grpo.py. A run directory shows what happened:
     warmup/ stage1/ stage2/   grpo.py out_dirs: ckpt/, hf/ (written last: the stage is done), log.jsonl,
                               rollouts/, mining.jsonl (every item's rewards during training)
     mining/    counts.jsonl (id, n, k per Stage I item), report.json
-    eval/      eval.py output;  summary.md   the whole run in one page
+    eval/      eval.py output (preds, scores.json, results.md);  summary.md   the whole run in one page
 """
 from __future__ import annotations
 
@@ -280,7 +280,7 @@ def summary(run: Path) -> str:
     rep = run / "mining" / "report.json"
     if rep.exists():
         lines += ["", "Hard mining (Stage I items, G samples each):", "", report_table(json.loads(rep.read_text()))]
-    ev = run / "eval" / "table.md"
+    ev = run / "eval" / "results.md"
     if ev.exists():
         lines += ["", "Evaluation:", "", ev.read_text().strip()]
     text = "\n".join(lines) + "\n"

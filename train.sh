@@ -9,7 +9,8 @@
 # Environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node, as for torchrun), NPROC_PER_NODE,
 # RUN_DIR (default runs/<preset>), MODEL (hub id or local folder), PYTHON (default python),
 # raw data: HOTPOTQA, TWOWIKI, MUSIQUE (the QA sources), DAPO (DAPO-Math-17k parquet), MATHQA (json),
-# HAYSTACK (optional book for the RULER needles); stage lengths: WARMUP_EPOCHS, STAGE1_EPOCHS, STAGE2_EPOCHS.
+# HAYSTACK (optional book for the RULER needles); stage lengths: WARMUP_EPOCHS, STAGE1_EPOCHS, STAGE2_EPOCHS;
+# evaluation: EVAL_BENCHMARKS (default ruler,niah), EVAL_DATA (the files of LongBench, MMLU, ... for eval.py).
 # Re-running the same command resumes: finished stages are skipped, the current one continues from its last
 # checkpoint.
 set -euo pipefail
@@ -27,7 +28,7 @@ case "$PRESET" in
     RL="--device=cpu --batch_prompts=4 --group=4 --max_new_tokens=24 --lr=1e-4 --micro_tokens=20000 --save_every=2 --engine=hf"
     STEPS_WARMUP="--steps=2"; STEPS_1="--steps=4"; STEPS_2="--steps=2"
     MINE="--group=4 --max_new_tokens=24 --engine=hf --batch=8"
-    EVAL="--benchmarks=ruler,needle --ruler_lengths=1024,2048 --ruler_samples=2 --needle_lengths=1024,2048 --needle_depths=3 --max_new_tokens=16"
+    EVAL="--engine=hf --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=1 --niah_depths=3 --niah_samples=1 --max_new_tokens=8"
     ;;
   7b|14b|7b-mi300x)
     case "$PRESET" in
@@ -42,7 +43,8 @@ case "$PRESET" in
     [ "$PRESET" = 7b-mi300x ] && RL="$RL --micro_tokens=49152"  # 192 GB HBM; no flash-attn wheel assumed: SDPA unless installed
     STEPS_WARMUP="--epochs=${WARMUP_EPOCHS:-1}"; STEPS_1="--epochs=${STAGE1_EPOCHS:-1}"; STEPS_2="--epochs=${STAGE2_EPOCHS:-1}"
     MINE="--group=8 --temperature=0.6 --max_new_tokens=4096 --tp=$TP"
-    EVAL="--benchmarks=ruler,needle --tp=$TP"
+    # LongBench and the general benchmarks need their files: EVAL_DATA=dir EVAL_BENCHMARKS=longbench,ruler,niah,...
+    EVAL="--engine=vllm --prompt_style=train --benchmarks=${EVAL_BENCHMARKS:-ruler,niah} --data_dir=${EVAL_DATA:-data/eval} --ruler_lengths=4096,8192,16384,32768"
     ;;
   "") die "usage: bash train.sh PRESET   (tiny | 7b | 14b | 7b-mi300x)" ;;
   *) die "unknown preset '$PRESET' (tiny | 7b | 14b | 7b-mi300x)" ;;
@@ -95,7 +97,7 @@ else
 fi
 
 if [ "$NODE_RANK" = 0 ]; then
-  if [ -f "$RUN/eval/table.md" ]; then
+  if [ -f "$RUN/eval/results.md" ]; then
     say "evaluation: done, skipping"
   elif [ -f eval.py ]; then
     say "evaluation of $RUN/stage2/hf"

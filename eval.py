@@ -1,0 +1,840 @@
+"""Evaluation (LOONGRL.md 7): LongBench v1 QA, RULER, needle grid, MMLU, MATH-500, IFEval, beside the paper's scores.
+
+    python eval.py --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=2 --max_new_tokens=8  # tiny, CPU
+    python eval.py --model=Qwen/Qwen2.5-7B-Instruct --engine=vllm --data_dir=data/eval --out_dir=runs/eval/qwen7b
+    python eval.py --model=runs/7b/stage2/hf --engine=vllm --prompt_style=train --out_dir=runs/eval/loongrl7b
+
+Benchmarks (--benchmarks, comma separated) and their files under --data_dir:
+  longbench  longbench/{hotpotqa,2wikimqa,musique,narrativeqa,qasper}.jsonl from LongBench's data.zip; the *_e.jsonl
+             files there add LongBench-E's length buckets; NarrativeQA is also split 0-16K / 16-32K / 32-64K tokens
+  ruler      generated here at --ruler_lengths: noise/needle-haystack needles, variable tracking, common and frequent
+             words need nothing; ruler/PaulGrahamEssays.json adds the essay-haystack needles, ruler/squad.json and
+             ruler/hotpotqa.json the QA tasks, ruler/english_words.json RULER's large word list (CWE at 128K)
+  niah       needle-in-a-haystack grid (--niah_lengths x --niah_depths) and niah/heatmap.png
+  mmlu       mmlu/*_test.csv (the official tarball's data/test) or mmlu/test.{jsonl,parquet} (question, choices, answer)
+  math500    math500/test.jsonl (problem, answer)
+  ifeval     ifeval/input_data.jsonl (key, prompt, instruction_id_list, kwargs), checked by lm-eval's IFEval code
+
+--prompt_style=longbench: each benchmark's own prompt inside the model's chat template (RULER's answer prefix starts
+the reply); train: the training format (system prompt, `<think>` prefill, \\boxed{} answer, scored on the box).
+Outputs in --out_dir: <benchmark>/preds.jsonl (appended batch by batch; a rerun generates only the missing ids),
+scores.json and results.md (our row beside the paper's rows for the same benchmarks).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+import reward
+import rollout
+from keychain import (QA_PROMPT, RULER_NEEDLE, SYL, DataError, atomic_write, chat, count_tokens, load_items,
+                      load_tokenizer, parse_config, read_records, render_prompt)
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    model: str = ""  # HF path or hub id; empty = tiny random Qwen2 on the byte tokenizer (smoke run)
+    tokenizer: str = ""  # empty = the model's own
+    engine: str = "hf"  # hf (CPU, KV-cache loop) | vllm (GPU)
+    out_dir: str = "runs/eval"
+    data_dir: str = "data/eval"
+    benchmarks: str = "longbench,ruler"  # longbench, ruler, niah, mmlu, math500, ifeval
+    prompt_style: str = "longbench"  # longbench (each benchmark's own templates) | train (system prompt, <think>, box)
+    max_length: int = 31500  # LongBench middle-truncation budget in tokens (LongBench's value for 32K models)
+    max_model_len: int = 0  # engine context; 0 = max(32768, longest RULER / needle length)
+    rope_yarn_factor: float = -1.0  # -1 = 4.0 when max_model_len > 32768 (Qwen2.5's YaRN recipe), else off; 0 = off
+    think_tokens: int = 4096  # new tokens in the train style and for MMLU / MATH-500 / IFEval (paper: 4096)
+    max_new_tokens: int = 0  # > 0 caps every generation (smoke runs); prompt budgets keep the real reserve
+    ruler_lengths: str = "4096,8192,16384,32768,65536,131072"
+    ruler_tasks: str = "all"  # or a comma list of RULER task names (see RULER_TASKS)
+    num_samples: int = 100  # RULER items per task and length (RULER's default is 500)
+    niah_lengths: str = ""  # empty = ruler_lengths
+    niah_depths: int = 11  # depths 0%, 10%, ..., 100%
+    niah_samples: int = 4  # needles per grid cell
+    limit: int = 0  # first N items of every file (0 = all)
+    batch: int = 32  # prompts per engine call; every finished batch is appended to preds.jsonl
+    tp: int = 1  # vLLM tensor parallel (tp > 1: launch with torchrun --nproc_per_node=tp)
+    gpu_memory_utilization: float = 0.9
+    seed: int = 42
+
+
+BENCHMARKS = ("longbench", "ruler", "niah", "mmlu", "math500", "ifeval")
+
+# ----------------------------------------------------------------------------- official templates (quoted as data)
+# LongBench config/dataset2prompt.json and dataset2maxlen.json ("asconcisely" and " Answer" are LongBench's own bytes)
+_LB_MULTIHOP = (
+    "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\n"
+    "The following are given passages.\n{context}\n\nAnswer the question based on the given passages. Only give me "
+    "the answer and do not output any other words.\n\nQuestion: {input}\nAnswer:")
+LB_PROMPTS = {
+    "narrativeqa": (
+        "You are given a story, which can be either a novel or a movie script, and a question. Answer the question "
+        "asconcisely as you can, using a single phrase if possible. Do not provide any explanation.\n\nStory: {context}"
+        "\n\nNow, answer the question based on the story asconcisely as you can, using a single phrase if possible. "
+        "Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:"),
+    "qasper": (
+        'You are given a scientific article and a question. Answer the question as concisely as you can, using a '
+        'single phrase or sentence if possible. If the question cannot be answered based on the information in the '
+        'article, write "unanswerable". If the question is a yes/no question, answer "yes", "no", or "unanswerable". '
+        'Do not provide any explanation.\n\nArticle: {context}\n\n Answer the question based on the above article as '
+        'concisely as you can, using a single phrase or sentence if possible. If the question cannot be answered based '
+        'on the information in the article, write "unanswerable". If the question is a yes/no question, answer "yes", '
+        '"no", or "unanswerable". Do not provide any explanation.\n\nQuestion: {input}\n\nAnswer:'),
+    "hotpotqa": _LB_MULTIHOP, "2wikimqa": _LB_MULTIHOP, "musique": _LB_MULTIHOP,
+}
+LB_MAXLEN = {"narrativeqa": 128, "qasper": 128, "hotpotqa": 32, "2wikimqa": 32, "musique": 32}
+LB_DATASETS = ("hotpotqa", "2wikimqa", "musique", "narrativeqa", "qasper")  # the paper's column order
+NARRQA_SPLITS = ((16384, "0-16K"), (32768, "16-32K"), (65536, "32-64K"), (math.inf, "64K+"))
+
+# RULER scripts/data/synthetic/constants.py: task -> (template, answer prefix, tokens to generate)
+RULER_TEMPLATES = {
+    "niah": ("Some special magic {type_needle_v} are hidden within the following text. Make sure to memorize it. I "
+             "will quiz you about the {type_needle_v} afterwards.\n{context}\nWhat are all the special magic "
+             "{type_needle_v} for {query} mentioned in the provided text?",
+             " The special magic {type_needle_v} for {query} mentioned in the provided text are", 128),
+    "variable_tracking": ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
+                          "{context}\nQuestion: Find all variables that are assigned the value {query} in the text "
+                          "above.", " Answer: According to the chain(s) of variable assignment in the text above, "
+                          "{num_v} variables are assigned the value {query}, they are: ", 30),
+    "common_words_extraction": ("Below is a numbered list of words. In these words, some appear more often than "
+                                "others. Memorize the ones that appear most often.\n{context}\nQuestion: What are the "
+                                "10 most common words in the above list?",
+                                " Answer: The top 10 words that appear most often in the list are:", 120),
+    "freq_words_extraction": ("Read the following coded text and track the frequency of each coded word. Find the "
+                              "three most frequently appeared coded words. {context}\nQuestion: Do not provide any "
+                              "explanation. Please ignore the dots '....'. What are the three most frequently "
+                              "appeared words in the above coded text?",
+                              " Answer: According to the coded text above, the three most frequently appeared words "
+                              "are:", 50),
+    "qa": ("Answer the question based on the given documents. Only give me the answer and do not output any other "
+           "words.\n\nThe following are given documents.\n\n{context}\n\nAnswer the question based on the given "
+           "documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}",
+           " Answer:", 32),
+}
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.round(np.linspace(0, 100, 40))
+# RULER scripts/synthetic.yaml; niah args: haystack, key type, value type, keys, values per key, queried keys
+RULER_TASKS: dict[str, tuple[str, Any]] = {
+    "niah_single_1": ("niah", ("noise", "words", "numbers", 1, 1, 1)),
+    "niah_single_2": ("niah", ("essay", "words", "numbers", 1, 1, 1)),
+    "niah_single_3": ("niah", ("essay", "words", "uuids", 1, 1, 1)),
+    "niah_multikey_1": ("niah", ("essay", "words", "numbers", 4, 1, 1)),
+    "niah_multikey_2": ("niah", ("needle", "words", "numbers", 1, 1, 1)),
+    "niah_multikey_3": ("niah", ("needle", "uuids", "uuids", 1, 1, 1)),
+    "niah_multivalue": ("niah", ("essay", "words", "numbers", 1, 4, 1)),
+    "niah_multiquery": ("niah", ("essay", "words", "numbers", 1, 1, 4)),
+    "vt": ("variable_tracking", None), "cwe": ("common_words_extraction", None),
+    "fwe": ("freq_words_extraction", None), "qa_1": ("qa", "squad"), "qa_2": ("qa", "hotpotqa"),
+}
+# general benchmarks, plain style (the train style's system prompt already asks for the box)
+MMLU_SUFFIX = "\n\nAnswer with the letter of the correct option, written as \\boxed{X}."
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5's math prompt
+
+# ----------------------------------------------------------------------------- the paper's numbers (poster tables)
+PAPER_LONGBENCH = {  # LC avg, HotpotQA, 2WikiMQA, MuSiQue, NarrQA, Qasper (LongBench v1 qa_f1_score)
+    "Qwen2.5-7B-Instruct": (48.9, 69.5, 50.5, 34.0, 44.5, 46.0),
+    "+ RL without KeyChain (7B)": (66.2, 80.3, 84.7, 58.5, 53.0, 54.5),
+    "LoongRL-7B": (72.4, 83.1, 91.1, 65.6, 58.4, 63.6),
+    "Qwen2.5-14B-Instruct": (53.1, 74.0, 60.5, 36.5, 48.5, 46.0),
+    "LoongRL-14B": (74.2, 82.2, 93.3, 67.5, 63.4, 64.5),
+    "QwenLong-L1-32B": (70.1, 80.7, 89.1, 65.2, 58.6, 56.7),
+    "o3-mini (medium)": (74.5, 83.0, 89.0, 64.0, 60.7, 60.5),
+    "DeepSeek-R1": (74.9, 82.7, 91.3, 72.2, 66.9, 61.4),
+}
+PAPER_LENGTH = {  # NarrQA 0-16K, 16-32K, 32-64K; RULER 16K, 32K, 64K, 128K
+    "Qwen2.5-7B-Instruct": (55.7, 35.2, 42.4, 92.3, 89.5, 81.8, 69.4),
+    "LoongRL-7B": (69.8, 47.4, 57.2, 93.4, 91.4, 86.2, 76.8),
+    "LoongRL-14B": (69.5, 55.2, 64.3, 95.4, 95.1, 87.1, 79.9),
+    "QwenLong-L1-32B": (65.9, 48.1, 60.0, 87.6, 86.8, 80.6, 70.2),
+}
+PAPER_RULER_LENGTHS = (16384, 32768, 65536, 131072)
+PAPER_GENERAL = {  # general avg, MMLU, MATH-500, IFEval
+    "Qwen2.5-7B-Instruct": (73.5, 73.4, 76.0, 71.2),
+    "LoongRL-7B": (75.0, 76.2, 78.0, 70.9),
+    "Qwen2.5-14B-Instruct": (81.3, 79.4, 83.4, 81.0),
+    "LoongRL-14B": (80.7, 80.5, 83.2, 78.4),
+    "R1-Distill-Qwen-7B": (69.9, 62.3, 92.8, 54.7),
+}
+
+
+# ----------------------------------------------------------------------------- prompts
+def render(tok, user: str, style: str, prefill: str = "") -> str:
+    """The exact prompt text. train: system prompt + `<think>` prefill (keychain.render_prompt); otherwise the model's
+    chat template around the benchmark's own user turn (as LongBench's pred.py does for chat models) + prefill."""
+    if style == "train":
+        return render_prompt(tok, chat(user))
+    return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                   add_generation_prompt=True) + prefill
+
+
+def middle_truncate(tok, prompt: str, max_length: int) -> str:
+    """LongBench pred.py: over max_length tokens, keep the first and last max_length/2 tokens (decoded)."""
+    ids = tok(prompt, truncation=False)["input_ids"]
+    if len(ids) <= max_length:
+        return prompt
+    half = int(max_length / 2)
+    return tok.decode(ids[:half], skip_special_tokens=True) + tok.decode(ids[-half:], skip_special_tokens=True)
+
+
+def e_bucket(length: int) -> str:
+    """LongBench-E bucket of an item's `length` field (words), as LongBench's eval.py scorer_e."""
+    return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+
+
+def narrqa_split(context_tokens: int) -> str:
+    """The paper's NarrativeQA length split, by tokens of the untruncated context (evaluated model's tokenizer)."""
+    return next(name for hi, name in NARRQA_SPLITS if context_tokens < hi)
+
+
+def answer_text(text: str, style: str) -> str:
+    """What the benchmark metric reads: the whole reply (LongBench, RULER), or the box in the train style."""
+    return (reward.extract_answer(text) or "") if style == "train" else text
+
+
+def _cap(cfg: Config, n: int) -> int:
+    return min(n, cfg.max_new_tokens) if cfg.max_new_tokens > 0 else n
+
+
+# ----------------------------------------------------------------------------- LongBench
+def longbench_items(path: Path, tok, cfg: Config, max_model_len: int) -> tuple[list[dict], int]:
+    """Items of one LongBench(-E) jsonl file (dataset from the file name) and their max new tokens."""
+    name = path.stem
+    dataset = name[:-2] if name.endswith("_e") else name
+    reserve = cfg.think_tokens if cfg.prompt_style == "train" else LB_MAXLEN[dataset]
+    # LongBench truncates the bare prompt to max_length; cap it so template + prompt + reply fit the engine
+    overhead = count_tokens(tok, [render(tok, "", cfg.prompt_style)])[0]
+    budget = min(cfg.max_length, max_model_len - reserve - overhead)
+    items = []
+    for i, rec in read_records(path):
+        if cfg.limit and len(items) >= cfg.limit:
+            break
+        where = f"{path}: record {i}"
+        if not isinstance(rec, dict) or not {"input", "context", "answers"} <= rec.keys():
+            raise DataError(f"{where}: a LongBench record needs input, context and answers")
+        if cfg.prompt_style == "train":
+            user = QA_PROMPT.format(context=rec["context"], question=rec["input"])
+        else:
+            user = LB_PROMPTS[dataset].format(**rec)
+        meta = {"dataset": name, "answers": [str(a) for a in rec["answers"]], "length": rec.get("length")}
+        if name.endswith("_e"):
+            meta["bucket"] = e_bucket(int(rec["length"]))
+        if name == "narrativeqa":
+            meta["split"] = narrqa_split(count_tokens(tok, [rec["context"]])[0])
+        prompt = render(tok, middle_truncate(tok, user, budget), cfg.prompt_style)
+        items.append({"id": f"{name}/{rec.get('_id', i)}", "prompt": prompt, "meta": meta})
+    return items, reserve
+
+
+# ----------------------------------------------------------------------------- RULER resources
+def ruler_resources(data_dir: Path, seed: int) -> dict:
+    """Word lists (RULER takes them from wonderwords) and the user's essay / QA files, when present."""
+    d, res = data_dir / "ruler", {"seed": seed}
+    try:
+        from wonderwords import random_word as rw
+
+        nouns, adjs, verbs = (rw._get_words_from_text_file(f) for f in ("nounlist.txt", "adjectivelist.txt",
+                                                                         "verblist.txt"))
+    except ImportError:  # procedural stand-ins: same task, different vocabulary
+        print("eval: wonderwords is not installed; RULER keys and CWE words are procedural")
+        nouns, adjs = [a + b for a in SYL for b in SYL], [a + b + "ic" for a in SYL for b in SYL[:10]]
+        verbs = [a + b + "ate" for a in SYL for b in SYL[10:]]
+    res["adjs"], res["nouns"] = adjs, nouns
+    words = sorted(set(nouns + adjs + verbs))
+    random.Random(seed).shuffle(words)
+    res["cwe_words"] = words
+    big = d / "english_words.json"  # RULER's larger list, used when a CWE context needs more distinct words
+    res["big_words"] = (list(json.loads(big.read_text()).values()) if big.exists()
+                        else sorted({a + b + c for a in SYL for b in SYL for c in SYL} - set(words)))
+    for f in ("PaulGrahamEssays.json", "essay.txt"):
+        if (d / f).exists():
+            text = (d / f).read_text(encoding="utf-8")
+            text = json.loads(text)["text"] if f.endswith(".json") else text
+            res["essay"] = re.sub(r"\s+", " ", text).split(" ")
+            break
+    if (d / "squad.json").exists():
+        res["squad"] = read_squad(d / "squad.json")
+    if (d / "hotpotqa.json").exists():
+        res["hotpotqa"] = read_hotpot(d / "hotpotqa.json")
+    return res
+
+
+def read_squad(path: Path) -> tuple[list[dict], list[str]]:
+    """SQuAD v2 dev as RULER's qa.py reads it: answerable questions, docs = unique paragraphs, same-article extras."""
+    data = json.loads(path.read_text(encoding="utf-8"))["data"]
+    docs = sorted({p["context"] for d in data for p in d["paragraphs"]})
+    index = {c: i for i, c in enumerate(docs)}
+    qas = []
+    for d in data:
+        article = [index[p["context"]] for p in d["paragraphs"]]
+        for p in d["paragraphs"]:
+            me = index[p["context"]]
+            qas += [{"query": q["question"], "outputs": [a["text"] for a in q["answers"]], "context": [me],
+                     "more": [i for i in article if i != me]} for q in p["qas"] if not q.get("is_impossible")]
+    return qas, docs
+
+
+def read_hotpot(path: Path) -> tuple[list[dict], list[str]]:
+    """HotpotQA dev (distractor) as RULER reads it: every item's 10 paragraphs are its context."""
+    items, _ = load_items(str(path), "hotpotqa", "hotpotqa")
+    docs = sorted({d for it in items for d in it["docs"]})
+    index = {c: i for i, c in enumerate(docs)}
+    return [{"query": it["question"], "outputs": it["answers"], "context": [index[d] for d in it["docs"]]}
+            for it in items], docs
+
+
+def task_available(task: str, res: dict) -> str:
+    """'' when a task can be generated, else what it lacks."""
+    kind, args = RULER_TASKS[task]
+    if kind == "niah" and args[0] == "essay" and "essay" not in res:
+        return "ruler/PaulGrahamEssays.json"
+    if kind == "qa" and args not in res:
+        return f"ruler/{args}.json"
+    return ""
+
+
+# ----------------------------------------------------------------------------- RULER generators
+# Each takes (rng, n = haystack size, i = sample index, L, res) -> RULER's full text (input + answer prefix), answers.
+def _rand(rng: random.Random, kind: str, res: dict) -> str:
+    if kind == "numbers":
+        return str(rng.randint(10 ** 6, 10 ** 7 - 1))
+    if kind == "uuids":
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    return f"{rng.choice(res['adjs'])}-{rng.choice(res['nouns'])}"  # RULER: a random adjective-noun pair
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of the essay haystack (RULER uses nltk's punkt; a regex needs no download)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def gen_niah(rng, n, i, L, res, args, depth: int | None = None) -> tuple[str, list[str]]:
+    hay, kt, vt, nk, nv, nq = args
+    nk = max(nk, nq)
+    keys, values, needles = [], [], []
+    for _ in range(nk):
+        keys.append(_rand(rng, kt, res))
+        values.append([_rand(rng, vt, res) for _ in range(nv)])
+        needles += [RULER_NEEDLE.format(type_v=vt, key=keys[-1], value=v) for v in values[-1]]
+    rng.shuffle(needles)
+    if hay == "essay":
+        words = res["essay"]
+        sents = split_sentences(" ".join((words * (n // len(words) + 1))[:n]))
+        depths = [depth] if depth is not None else rng.sample(DEPTHS, len(needles))
+        cuts = [0] + sorted(int(len(sents) * d / 100) for d in depths) + [len(sents)]
+        parts = []
+        for k in range(1, len(cuts)):
+            parts.append(" ".join(sents[cuts[k - 1]:cuts[k]]))
+            if k - 1 < len(needles):
+                parts.append(needles[k - 1])
+        context = " ".join(parts)
+    else:
+        lines = ([NOISE] * n if hay == "noise" else
+                 [RULER_NEEDLE.format(type_v=vt, key=_rand(rng, kt, res), value=_rand(rng, vt, res)) for _ in range(n)])
+        at = [int(n * depth / 100)] if depth is not None else sorted(rng.sample(range(n), len(needles)), reverse=True)
+        for pos, nd in zip(at, needles):
+            lines.insert(pos, nd)
+        context = "\n".join(lines)
+    picked = rng.sample(range(nk), nq)
+    queries = [keys[k] for k in picked]
+    query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
+    template, prefix, _ = RULER_TEMPLATES["niah"]
+    template, type_v = template + prefix, vt
+    if nq * nv == 1:  # RULER's singular wording, applied to the template before filling
+        for a, b in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+            template = template.replace(a, b)
+        type_v = vt[:-1]
+    return template.format(type_needle_v=type_v, context=context, query=query), [a for k in picked for a in values[k]]
+
+
+def _vt_text(rng, n: int, icl: bool, hops: int = 4) -> tuple[str, list[str]]:
+    names: list[str] = []
+    while len(names) < hops + 1:
+        names = list(dict.fromkeys(names + ["".join(rng.choices(string.ascii_uppercase, k=3 if icl else 5))]))
+    chain = [f"VAR {names[0]} = {'12345' if icl else rng.randint(10000, 99998)}"]
+    chain += [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(hops)]
+    lines = [NOISE] * n
+    for j, pos in enumerate(sorted(rng.sample(range(n), len(chain)))):
+        lines.insert(pos + j, chain[j])
+    template, prefix, _ = RULER_TEMPLATES["variable_tracking"]
+    context = "\n".join(lines).replace(". \n", ".\n")
+    return (template + prefix).format(context=context, query=chain[0].split("=")[-1].strip(), num_v=hops + 1), names
+
+
+def gen_vt(rng, n, i, L, res, args) -> tuple[str, list[str]]:
+    """One chain of 4 hops in noise, after RULER's one-shot example (its variables and value re-drawn)."""
+    icl, icl_names = res[("vt_icl", L)]
+    for name in icl_names:
+        icl = icl.replace(name, "".join(rng.choices(string.ascii_uppercase, k=len(name))))
+    icl = icl.replace("12345", str(rng.randint(10000, 99998)))
+    text, names = _vt_text(rng, n, icl=False)
+    return icl + "\n" + text, names
+
+
+def gen_cwe(rng, n, i, L, res, args) -> tuple[str, list[str]]:
+    template = "".join(RULER_TEMPLATES["common_words_extraction"][:2])
+
+    def example(num: int, common: int, rare: int) -> tuple[str, list[str]]:
+        words = rng.sample(res["cwe_words"] if num <= len(res["cwe_words"]) else res["big_words"], num)
+        listed = words[:10] * common + words[10:] * rare
+        random.Random(res["seed"]).shuffle(listed)  # RULER shuffles with its fixed seed
+        return " ".join(f"{k + 1}. {w}" for k, w in enumerate(listed)), words[:10]
+
+    shot, shot_answer = example(20, 3, 1) if L < 4096 else example(40, 10, 3)
+    context, answer = example(n, 6, 1) if L < 4096 else example(n, 30, 3)
+    shot = template.format(context=shot, query="") + " " + " ".join(f"{k + 1}. {w}" for k, w in enumerate(shot_answer))
+    return shot + "\n" + template.format(context=context, query=""), answer
+
+
+def gen_fwe(rng, n, i, L, res, args) -> tuple[str, list[str]]:
+    """Coded words with zeta(2)-distributed counts; the top one is '...' (noise), the answer is ranks 2-4."""
+    vocab: set[str] = set()
+    while len(vocab) < (L - RULER_TEMPLATES["freq_words_extraction"][2]) // 50:
+        vocab.add("".join(rng.choices(string.ascii_lowercase, k=6)))
+    ranked = sorted(vocab)
+    random.Random(res["seed"]).shuffle(ranked)
+    ranked[0] = "..."
+    words = [w for k, w in enumerate(ranked) for _ in range(int(n * (k + 1) ** -2.0 / (math.pi ** 2 / 6)))]
+    random.Random(res["seed"]).shuffle(words)
+    return "".join(RULER_TEMPLATES["freq_words_extraction"][:2]).format(context=" ".join(words), query=""), ranked[1:4]
+
+
+def gen_qa(rng, n, i, L, res, args) -> tuple[str, list[str]]:
+    """Question i of SQuAD / HotpotQA with its gold paragraphs among n documents."""
+    qas, docs = res[args]
+    q = qas[i % len(qas)]
+    gold, more = q["context"], q.get("more", [])
+    if n < len(docs):
+        if n - len(gold) > len(more):
+            skip = set(gold + more)
+            pool = [d for d in rng.sample(range(len(docs)), min(len(docs), n + len(skip))) if d not in skip]
+            picked = gold + more + pool[:n - len(gold) - len(more)]
+        else:
+            picked = gold + rng.sample(more, max(0, n - len(gold)))
+        chosen = [docs[d] for d in picked]
+    else:
+        chosen = (docs * (n // len(docs) + 1))[:n]
+    rng.shuffle(chosen)
+    context = "\n\n".join(f"Document {k + 1}:\n{d}" for k, d in enumerate(chosen))
+    return "".join(RULER_TEMPLATES["qa"][:2]).format(context=context, query=q["query"]), q["outputs"]
+
+
+MIN_HAY = 5  # the smallest haystack: a variable-tracking chain needs 5 lines to sit between
+GENERATORS: dict[str, Callable] = {"niah": gen_niah, "variable_tracking": gen_vt, "common_words_extraction": gen_cwe,
+                                   "freq_words_extraction": gen_fwe, "qa": gen_qa}
+
+
+def fit(tokens: Callable[[int], int], budget: int, lo: int = MIN_HAY) -> int | None:
+    """Largest haystack size n >= lo with tokens(n) <= budget (RULER's binary search); None if n=lo overflows."""
+    if tokens(lo) > budget:
+        return None
+    hi = 2 * lo
+    while tokens(hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if tokens(mid) <= budget else (lo, mid)
+    return lo
+
+
+def ruler_items(task: str, L: int, tok, cfg: Config, res: dict, depth: int | None = None,
+                samples: int = 0, tag: str = "") -> tuple[list[dict], int]:
+    """RULER items of one task at total length L: rendered prompt + reserved reply tokens <= L, deterministic per id.
+
+    The haystack size is searched once (sample 0) and lowered per sample until its prompt fits, as RULER does."""
+    kind, args = RULER_TASKS[task]
+    template, prefix, gen_tokens = RULER_TEMPLATES[kind]
+    reserve = cfg.think_tokens if cfg.prompt_style == "train" else gen_tokens
+    if kind == "variable_tracking" and ("vt_icl", L) not in res:  # the one-shot example: about 500 raw tokens
+        rng_of = lambda: random.Random(f"{cfg.seed}/vt-icl")  # noqa: E731
+        k = fit(lambda n: count_tokens(tok, [_vt_text(rng_of(), n, icl=True)[0]])[0], min(500, L // 8)) or MIN_HAY
+        text, names = _vt_text(rng_of(), k, icl=True)
+        res[("vt_icl", L)] = (text + " " + " ".join(names) + "\n", names)
+
+    def build(n: int, i: int) -> tuple[str, str, list[str], int]:
+        rng = random.Random(f"{cfg.seed}/{task}/{L}/{tag}{i}")
+        full, answers = (gen_niah(rng, n, i, L, res, args, depth) if depth is not None
+                         else GENERATORS[kind](rng, n, i, L, res, args))
+        cut = full.rfind(prefix[:10])  # RULER splits the answer prefix off by its first 10 characters
+        text, pre = full[:cut], full[cut:]
+        prompt = render(tok, text, cfg.prompt_style, "" if cfg.prompt_style == "train" else pre.lstrip())
+        return prompt, text, answers, count_tokens(tok, [prompt])[0]
+
+    n0 = fit(lambda n: build(n, 0)[3], L - reserve)
+    if n0 is None:
+        print(f"eval: {task} does not fit in {L} tokens; skipped")
+        return [], reserve
+    items = []
+    for i in range(samples or cfg.num_samples):
+        n = n0
+        while (b := build(n, i))[3] > L - reserve and n > MIN_HAY:
+            n = max(MIN_HAY, n - max(1, n0 // 50))
+        prompt, text, answers, ntok = b
+        items.append({"id": f"{task}/{L}/{tag}{i}", "prompt": prompt, "text": text,
+                      "meta": {"task": task, "L": L, "answers": answers, "prompt_tokens": ntok, "depth": depth}})
+    return items, reserve
+
+
+# ----------------------------------------------------------------------------- general benchmarks
+def mmlu_rows(d: Path) -> list[dict]:
+    """MMLU from the official CSVs (question, A, B, C, D, answer) or from rows with question / choices / answer."""
+    rows = []
+    for path in sorted(d.glob("*_test.csv")):
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, r in enumerate(csv.reader(f)):
+                if len(r) != 6:
+                    raise DataError(f"{path}: row {i}: expected question, A, B, C, D, answer")
+                rows.append({"id": f"{path.stem[:-5]}/{i}", "question": r[0], "choices": r[1:5], "answer": r[5]})
+    files = [p for p in (d / "test.jsonl", d / "test.parquet", *sorted(d.glob("*.parquet"))) if p.exists()]
+    for i, rec in (read_records(files[0]) if files and not rows else ()):
+        ans = rec["answer"]
+        rows.append({"id": f"{rec.get('subject', 'mmlu')}/{i}", "question": rec["question"],
+                     "choices": list(rec["choices"]), "answer": "ABCD"[ans] if isinstance(ans, int) else str(ans)})
+    return rows
+
+
+def general_items(bench: str, cfg: Config) -> list[dict]:
+    d = Path(cfg.data_dir) / bench
+    train = cfg.prompt_style == "train"
+    items = []
+    if bench == "mmlu":
+        for r in mmlu_rows(d):
+            choices = "\n".join(f"({'ABCD'[k]}) {c}" for k, c in enumerate(r["choices"]))
+            user = f"Question: {r['question'].strip()}\nChoices:{choices}"  # keychain's MathQA (choice) format
+            items.append({"id": r["id"], "user": user + ("" if train else MMLU_SUFFIX),
+                          "meta": {"kind": "choice", "answers": [r["answer"].strip().upper()]}})
+    elif bench == "math500":
+        for i, rec in read_records(d / "test.jsonl"):
+            items.append({"id": str(rec.get("unique_id", i)), "user": rec["problem"] + ("" if train else MATH_SUFFIX),
+                          "meta": {"kind": "math", "answers": [str(rec["answer"])]}})
+    else:  # ifeval
+        for i, rec in read_records(d / "input_data.jsonl"):
+            items.append({"id": str(rec["key"]), "user": rec["prompt"],
+                          "meta": {k: rec[k] for k in ("key", "prompt", "instruction_id_list", "kwargs")}})
+    return items[:cfg.limit] if cfg.limit else items
+
+
+# ----------------------------------------------------------------------------- generation, resumable
+def read_preds(path: Path) -> dict[str, dict]:
+    """Finished predictions by id. A line cut short by an interruption is dropped (and removed from the file)."""
+    if not path.exists():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    rows, good = {}, []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows[row["id"]] = row
+        good.append(line)
+    if text and not text.endswith("\n") or len(good) != len(text.splitlines()):
+        atomic_write(path, lambda p: p.write_text("".join(g + "\n" for g in good), encoding="utf-8"))
+    return rows
+
+
+def _rank() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def generate(engine, tok, prompts: list[str], max_new: int, seed: int) -> list[tuple[str, str, int]]:
+    """Greedy replies (text, finish reason, new tokens). Under torchrun each rank sends its share (vLLM's TP group
+    gathers them) and every rank gets all results back."""
+    rank, world = _rank()
+    ids = tok(prompts[rank::world], add_special_tokens=False)["input_ids"] if prompts[rank::world] else []
+    outs = engine.generate(ids, n=1, temperature=0.0, max_new_tokens=max_new, seed=seed)
+    got = [(c[0].text, c[0].finish_reason, len(c[0].token_ids)) for c in outs]
+    if world == 1:
+        return got
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, got)
+    return [parts[k % world][k // world] for k in range(len(prompts))]
+
+
+def run(bench: str, items: list[dict], max_new: int, engine, tok, cfg: Config) -> list[dict]:
+    """Predictions for items, in order: those in <out_dir>/<bench>/preds.jsonl are kept, the rest are generated
+    in batches and each finished batch is appended (flushed) before the next starts."""
+    from tqdm import tqdm
+
+    path = Path(cfg.out_dir) / bench / "preds.jsonl"
+    writer = _rank()[0] == 0
+    done = read_preds(path) if writer else {}
+    if _rank()[1] > 1:  # rank 0's view, so every rank agrees on what is left (its last flush may be unseen here)
+        box = [done]
+        dist.broadcast_object_list(box, src=0)
+        done = box[0]
+    todo = [it for it in items if it["id"] not in done]
+    if writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with (open(path, "a", encoding="utf-8") if writer else nullcontext()) as f:
+        for s in tqdm(range(0, len(todo), cfg.batch), desc=bench, unit="batch", disable=not todo or not writer):
+            chunk = todo[s:s + cfg.batch]
+            for it, (text, reason, n) in zip(chunk, generate(engine, tok, [it["prompt"] for it in chunk],
+                                                             _cap(cfg, max_new), cfg.seed)):
+                done[it["id"]] = {"id": it["id"], "pred": text, "finish_reason": reason, "new_tokens": n, **it["meta"]}
+                if writer:
+                    f.write(json.dumps(done[it["id"]], ensure_ascii=False) + "\n")
+            if writer:
+                f.flush()
+    return [done[it["id"]] for it in items]
+
+
+# ----------------------------------------------------------------------------- scoring
+SUB_EM = reward.Config(qa_metric="sub_em")
+
+
+def _pct(xs: list[float]) -> float | None:
+    return round(100 * sum(xs) / len(xs), 2) if xs else None
+
+
+def score_longbench(rows: list[dict], style: str) -> dict:
+    """Per file: LongBench qa_f1_score (the paper's metric) and sub_em; LongBench-E buckets; NarrativeQA split."""
+    out: dict[str, Any] = {}
+    for name in sorted({r["dataset"] for r in rows}):
+        rs = [r for r in rows if r["dataset"] == name]
+        preds = [answer_text(r["pred"], style) for r in rs]
+        f1 = [reward.longbench_score(p, r["answers"]) for p, r in zip(preds, rs)]
+        # sub_em as the training reward grades it (reward.py, guards on); the plain style has no </think> to skip
+        sub = [reward.score({"kind": "qa", "answers": r["answers"]}, r["pred"] if style == "train"
+                            else "</think>" + r["pred"], SUB_EM)[0] for r in rs]
+        out[name] = {"f1": reward.longbench_dataset_score(preds, [r["answers"] for r in rs]), "sub_em": _pct(sub),
+                     "n": len(rs)}
+        if name.endswith("_e"):
+            out[name]["buckets"] = {b: _pct([x for x, r in zip(f1, rs) if r["bucket"] == b])
+                                    for b in ("0-4k", "4-8k", "8k+")}
+        if name == "narrativeqa":
+            out[name]["split"] = {s: _pct([x for x, r in zip(f1, rs) if r["split"] == s]) for _, s in NARRQA_SPLITS}
+    main = [out[d]["f1"] for d in LB_DATASETS if d in out]
+    if len(main) == len(LB_DATASETS):
+        out["avg"] = round(sum(main) / len(main), 2)
+    return out
+
+
+def ruler_metric(task: str) -> Callable:
+    return reward.string_match_part if RULER_TASKS[task][0] == "qa" else reward.string_match_all
+
+
+def ruler_pred(text: str, style: str) -> str:
+    """RULER's postprocess_pred: strip, control characters to newlines."""
+    return re.sub(r"[\x00-\x1f]", "\n", answer_text(text, style).strip()).strip()
+
+
+def score_general(bench: str, rows: list[dict], style: str) -> dict:
+    if bench != "ifeval":
+        got = reward.score_batch([{"kind": r["kind"], "answers": r["answers"]} for r in rows],
+                                 [r["pred"] for r in rows])
+        return {"acc": _pct([s for s, _ in got]), "n": len(rows)}
+    try:
+        from lm_eval.tasks.ifeval import utils as ifeval
+    except ImportError as e:
+        raise ImportError("IFEval is scored with lm-eval's implementation: pip install 'lm-eval[ifeval]'") from e
+    res = [ifeval.process_results(r, [r["pred"].split("</think>")[-1] if style == "train" else r["pred"]])
+           for r in rows]
+    return {"prompt_strict": _pct([x["prompt_level_strict_acc"] for x in res]),
+            "inst_strict": _pct([y for x in res for y in x["inst_level_strict_acc"]]),
+            "prompt_loose": _pct([x["prompt_level_loose_acc"] for x in res]),
+            "inst_loose": _pct([y for x in res for y in x["inst_level_loose_acc"]]), "n": len(rows)}
+
+
+# ----------------------------------------------------------------------------- the table
+def _k(L: int) -> str:
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def _md(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join([r[0]] + [_fmt(x) for x in r[1:]]) + " |" for r in rows])
+
+
+def table(scores: dict, name: str) -> str:
+    """Markdown: for each group of benchmarks we ran, our row (bold) above the paper's rows."""
+    me, parts = f"**{name}**", []
+    if "longbench" in scores:
+        lb = scores["longbench"]
+        f1 = [lb.get(d, {}).get("f1") for d in LB_DATASETS]
+        sub = [lb.get(d, {}).get("sub_em") for d in LB_DATASETS]
+        avg = lambda xs: round(sum(xs) / len(xs), 2) if None not in xs else None  # noqa: E731
+        rows = [[me, avg(f1), *f1], [f"{me} (sub_em)", avg(sub), *sub]]
+        parts.append("LongBench v1 (qa_f1_score x100)\n\n" + _md(
+            ["model", "LC avg", "HotpotQA", "2WikiMQA", "MuSiQue", "NarrQA", "Qasper"],
+            rows + [[m, *v] for m, v in PAPER_LONGBENCH.items()]))
+        e_rows = [[f"{d} ({lb[d]['n']})", *lb[d]["buckets"].values()] for d in sorted(lb) if d.endswith("_e")]
+        if e_rows:
+            parts.append("LongBench-E (qa_f1_score x100 by length in words)\n\n" + _md(["set", "0-4k", "4-8k", "8k+"],
+                                                                                     e_rows))
+    ruler = scores.get("ruler", {})
+    split = scores.get("longbench", {}).get("narrativeqa", {}).get("split")
+    if ruler or split:
+        Ls = sorted({int(L) for L in ruler} | set(PAPER_RULER_LENGTHS))
+        header = ["model", "NarrQA 0-16K", "NarrQA 16-32K", "NarrQA 32-64K"] + [f"RULER {_k(L)}" for L in Ls]
+        mine = [(split or {}).get(s) for s in ("0-16K", "16-32K", "32-64K")]
+        mine += [ruler.get(str(L), {}).get("avg") for L in Ls]
+        paper = [[m, *v[:3], *[dict(zip(PAPER_RULER_LENGTHS, v[3:])).get(L) for L in Ls]]
+                 for m, v in PAPER_LENGTH.items()]
+        tasks = {len(v) - 1 for v in ruler.values()}
+        note = f" (ours: mean over {'/'.join(map(str, sorted(tasks)))} of 13 tasks)" if ruler else ""
+        parts.append(f"Length generalization: NarrativeQA split (F1), RULER{note}\n\n" + _md(header, [[me, *mine]]
+                                                                                              + paper))
+    if {"mmlu", "math500", "ifeval"} & scores.keys():
+        g = [scores.get("mmlu", {}).get("acc"), scores.get("math500", {}).get("acc"),
+             scores.get("ifeval", {}).get("prompt_strict")]
+        avg = round(sum(g) / 3, 2) if None not in g else None
+        parts.append("General (IFEval: prompt-level strict accuracy)\n\n" + _md(
+            ["model", "Gen. avg", "MMLU", "MATH-500", "IFEval"], [[me, avg, *g]] + [[m, *v] for m, v in
+                                                                                    PAPER_GENERAL.items()]))
+    if "niah" in scores:
+        n = scores["niah"]
+        parts.append("Needle in a haystack (string_match_all x100; rows: depth %, columns: length)\n\n" + _md(
+            ["depth"] + [_k(L) for L in n["lengths"]], [[f"{d}%", *row] for d, row in zip(n["depths"], n["grid"])]))
+    return "\n\n".join(parts) + "\n"
+
+
+def heatmap(grid: list[list[float | None]], lengths: list[int], depths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1 + 0.4 * len(depths)))
+    im = ax.imshow([[math.nan if x is None else x for x in row] for row in grid], cmap="RdYlGn", vmin=0, vmax=100,
+                   aspect="auto")
+    ax.set_xticks(range(len(lengths)), [_k(L) for L in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    fig.colorbar(im, ax=ax, label="score")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
+    """Run cfg.benchmarks, write scores.json and results.md under cfg.out_dir, return the scores."""
+    benches = [b for b in cfg.benchmarks.split(",") if b]
+    if unknown := set(benches) - set(BENCHMARKS):
+        raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {BENCHMARKS}")
+    if cfg.prompt_style not in ("longbench", "train"):
+        raise SystemExit("--prompt_style is longbench or train")
+    out, data = Path(cfg.out_dir), Path(cfg.data_dir)
+    ruler_L, niah_L = _ints(cfg.ruler_lengths), _ints(cfg.niah_lengths or cfg.ruler_lengths)
+    long = ruler_L * ("ruler" in benches) + niah_L * ("niah" in benches)
+    max_model_len = cfg.max_model_len or max([32768] + long)
+    yarn = cfg.rope_yarn_factor if cfg.rope_yarn_factor >= 0 else (4.0 if max_model_len > 32768 else 0.0)
+    # predictions are only reusable when everything that shapes a prompt or a reply is unchanged
+    run_key = {k: getattr(cfg, k) for k in ("model", "tokenizer", "prompt_style", "max_length", "think_tokens",
+                                            "max_new_tokens", "seed")} | {"rope_yarn_factor": yarn}
+    if (out / "run.json").exists() and (old := json.loads((out / "run.json").read_text())) != run_key:
+        raise SystemExit(f"{out} holds predictions made with {old}, now {run_key}: use another --out_dir")
+    writer = _rank()[0] == 0
+    if writer:
+        atomic_write(out / "run.json", lambda p: p.write_text(json.dumps(run_key, indent=1)))
+    tok = tok or load_tokenizer(cfg.tokenizer or cfg.model)
+    if engine is None:
+        rcfg = rollout.Config(engine=cfg.engine, model=cfg.model, n=1, temperature=0.0, seed=cfg.seed,
+                              max_prompt_tokens=max_model_len - 1, max_new_tokens=1,  # vLLM: max_model_len in all
+                              rope_yarn_factor=yarn, tp=cfg.tp, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                              enable_sleep_mode=False, max_batch_seqs=cfg.batch)
+        model = cfg.model or rollout.tiny_model(len(tok), cfg.seed)
+        engine = rollout.make_engine(rcfg, model, tok)
+    style, scores = cfg.prompt_style, {}
+
+    if "longbench" in benches:
+        files = [data / "longbench" / f"{d}{e}.jsonl" for d in LB_DATASETS for e in ("", "_e")]
+        files = [f for f in files if f.exists()]
+        if not files:
+            raise SystemExit(f"no LongBench files in {data / 'longbench'} (hotpotqa.jsonl, ...; see --help)")
+        rows = []
+        for f in files:
+            items, reserve = longbench_items(f, tok, cfg, max_model_len)
+            rows += run("longbench", items, reserve, engine, tok, cfg)
+        scores["longbench"] = score_longbench(rows, style)
+
+    if "ruler" in benches or "niah" in benches:
+        res = ruler_resources(data, cfg.seed)
+    if "ruler" in benches:
+        tasks = list(RULER_TASKS) if cfg.ruler_tasks == "all" else cfg.ruler_tasks.split(",")
+        scores["ruler"] = {}
+        for L in ruler_L:
+            per = {}
+            for task in tasks:
+                if why := task_available(task, res):
+                    print(f"eval: RULER {task} needs {why}; skipped")
+                    continue
+                items, reserve = ruler_items(task, L, tok, cfg, res)
+                rows = run("ruler", items, reserve, engine, tok, cfg)
+                if rows:
+                    per[task] = ruler_metric(task)([ruler_pred(r["pred"], style) for r in rows],
+                                                   [r["answers"] for r in rows])
+            per["avg"] = round(sum(per.values()) / len(per), 2) if per else None
+            scores["ruler"][str(L)] = per
+
+    if "niah" in benches:
+        task = "niah_single_2" if "essay" in res else "niah_single_1"
+        depths = [round(100 * k / max(1, cfg.niah_depths - 1)) for k in range(cfg.niah_depths)]
+        grid = [[None] * len(niah_L) for _ in depths]
+        for j, L in enumerate(niah_L):
+            for k, d in enumerate(depths):
+                items, reserve = ruler_items(task, L, tok, cfg, res, depth=d, samples=cfg.niah_samples, tag=f"d{d}/")
+                rows = run("niah", items, reserve, engine, tok, cfg)
+                if rows:
+                    grid[k][j] = reward.string_match_all([ruler_pred(r["pred"], style) for r in rows],
+                                                         [r["answers"] for r in rows])
+        scores["niah"] = {"task": task, "lengths": niah_L, "depths": depths, "grid": grid}
+        if writer:
+            heatmap(grid, niah_L, depths, out / "niah" / "heatmap.png")
+
+    for bench in ("mmlu", "math500", "ifeval"):
+        if bench in benches:
+            items = general_items(bench, cfg)
+            if not items:
+                raise SystemExit(f"no {bench} items under {data / bench} (see --help)")
+            for it in items:
+                it["prompt"] = render(tok, it.pop("user"), style)
+            scores[bench] = score_general(bench, run(bench, items, cfg.think_tokens, engine, tok, cfg), style)
+
+    if writer:
+        name = Path(cfg.model.rstrip("/")).name if cfg.model else "tiny random model"
+        atomic_write(out / "scores.json", lambda p: p.write_text(json.dumps(scores, indent=1)))
+        md = table(scores, f"{name} ({style} prompts, this run)")
+        atomic_write(out / "results.md", lambda p: p.write_text(md))
+        print(md + f"\nwrote {out / 'scores.json'} and {out / 'results.md'}")
+    return scores
+
+
+def main(argv: list[str]) -> None:
+    cfg = parse_config(Config, argv, __doc__)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun, vLLM tensor parallel
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    try:
+        evaluate(cfg)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
