@@ -75,7 +75,11 @@ class Config:
     needles: int = 4  # ruler: needles with distinct keys (multi-key) or values (multi-value)
     ruler_mode: str = "mix"  # multikey | multivalue | mix
     haystack: str = ""  # ruler: a plain text file (a book); empty = built-in synthetic haystack
-    counts: str = ""  # filter: JSONL of {"id", "n", "k"} pass counts
+    counts: str = ""  # filter: JSONL of {"id", "n", "k"} pass counts (sampled with --model when the file is absent)
+    model: str = ""  # filter: the strong model that samples the pass counts (paper: Qwen2.5-32B-Instruct)
+    samples: int = 8  # filter: samples per item (temperature 1.0)
+    new_tokens: int = 2048  # filter: new tokens per sample
+    engine: str = "hf"  # filter: rollout.py engine (hf | vllm)
     lo: int = 1  # filter: keep items with lo <= k <= hi (paper: 1..6 of 8)
     hi: int = 6
     batch: int = 64  # rows tokenized together in the exact final pass
@@ -895,7 +899,7 @@ def synth(cfg: Config, tok) -> tuple[list[dict], dict]:
         return _run(list(range(cfg.n or 64)), build, tok, cfg, stats), stats
     for path in filter(None, cfg.input.split(",")):
         fmt = file_format(path, cfg.format)
-        pick = random.Random(f"{cfg.seed}/select/{path}")
+        pick = random.Random(f"{cfg.seed}/select/{Path(path).name}")  # not the folder: same rows wherever the data lives
         if fmt in ("verl", "dapo", "mathqa"):
             short = []
             for r in load_rows(path, fmt, cfg.source):
@@ -913,9 +917,16 @@ def synth(cfg: Config, tok) -> tuple[list[dict], dict]:
             stats[f"skip: {k}"] = stats.get(f"skip: {k}", 0) + v
         pool = Pool(tok, items)
         budget = Budget(tok, pool, cfg.key_style, cfg.seed) if cfg.kind == "keychain" else None
-        sel = pick.sample(items, cfg.n) if 0 < cfg.n < len(items) else items
+        order = items[:]
+        if 0 < cfg.n < len(items):
+            pick.shuffle(order)
         build = lambda it, slack=0, pool=pool, budget=budget: build_row(it, cfg.kind, pool, budget, tok, cfg, slack)  # noqa: E731
-        rows += _run(sel, build, tok, cfg, stats, desc=Path(path).name)
+        want, got, start = cfg.n or len(items), [], 0
+        while len(got) < want and start < len(order):  # items skipped for the budget are replaced by the next ones
+            chunk = order[start:start + want - len(got)]
+            start += len(chunk)
+            got += _run(chunk, build, tok, cfg, stats, desc=Path(path).name)
+        rows += got
     return rows, stats
 
 
@@ -1046,6 +1057,32 @@ def filter_prompt(item: dict) -> str:
     return FILTER_PROMPT.format(context=passages(item["docs"]), question=item["question"])
 
 
+def sample_counts(items: list[dict], cfg: Config, batch: int = 16) -> list[dict]:
+    """Pass counts from a model: cfg.samples answers per item on its own short context (temperature 1.0);
+    correct = the normalized answer is a substring of a normalized gold (the authors' filter rule)."""
+    from tqdm import tqdm
+
+    import reward
+    import rollout
+
+    tok = load_tokenizer(cfg.tokenizer or cfg.model)
+    rcfg = rollout.Config(engine=cfg.engine, n=cfg.samples, temperature=1.0, max_new_tokens=cfg.new_tokens,
+                          max_prompt_tokens=10**9, seed=cfg.seed)
+    engine = rollout.make_engine(rcfg, cfg.model, tok)
+    out = []
+    for s in tqdm(range(0, len(items), batch), desc="pass counts"):
+        chunk = items[s:s + batch]
+        msgs = [[{"role": "user", "content": filter_prompt(it)}] for it in chunk]
+        ids = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+               ["input_ids"] for m in msgs]
+        for it, comps in zip(chunk, engine.generate(ids, seed=cfg.seed + s)):
+            golds = [reward.normalize_answer(g) for g in it["answers"]]
+            preds = [reward.normalize_answer(reward.extract_answer(c.text) or "") for c in comps]
+            k = sum(bool(p) and any(p in g for g in golds) for p in preds)
+            out.append({"id": it["id"], "n": len(comps), "k": k})
+    return out
+
+
 # ----------------------------------------------------------------------------- command line
 def main(argv: list[str]) -> int:
     cfg = parse_config(Config, argv, __doc__)
@@ -1055,8 +1092,12 @@ def main(argv: list[str]) -> int:
         return 0
     if cfg.command == "filter":
         if not cfg.counts:
-            raise SystemExit("filter needs --counts=FILE (JSONL of {id, n, k}); sampling them needs rollout.py")
+            raise SystemExit("filter needs --counts=FILE (JSONL of {id, n, k}); with --model it samples them there")
         items, _ = load_items(cfg.input, cfg.format, cfg.source)
+        if not Path(cfg.counts).exists():
+            if not cfg.model:
+                raise SystemExit(f"{cfg.counts} does not exist: give --model=PATH to sample the pass counts")
+            write_rows(cfg.counts, sample_counts(items, cfg))
         kept, stats = filter_items(items, read_counts(cfg.counts), cfg.lo, cfg.hi)
         write_rows(cfg.out, kept)
         print(f"wrote {len(kept)} items to {cfg.out}: {stats}")

@@ -390,3 +390,22 @@ def test_generate_covers_hops_and_question_types(raw):
     for r in hp:
         titles = [t for t, _ in r["context"]]
         assert len(titles) == 10 and all(t in titles for t, _ in r["supporting_facts"])
+
+
+def test_filter_samples_pass_counts_with_a_model(raw, tiny_tok, tmp_path):
+    import rollout
+
+    model = tmp_path / "model"
+    rollout.tiny_model(len(tiny_tok), seed=0).save_pretrained(str(model))
+    tiny_tok.save_pretrained(str(model))
+    items, _ = kc.load_items(raw["hotpotqa"])
+    cfg = kc.Config(model=str(model), samples=3, seed=0, new_tokens=6)
+    counts = kc.sample_counts(items[:4], cfg)
+    assert [c["id"] for c in counts] == [it["id"] for it in items[:4]]
+    assert all(c["n"] == 3 and 0 <= c["k"] <= 3 for c in counts)
+    out, cpath = tmp_path / "kept.jsonl", tmp_path / "counts.jsonl"
+    r = subprocess.run([sys.executable, "keychain.py", "filter", f"--input={raw['hotpotqa']}", f"--counts={cpath}",
+                        f"--model={model}", "--samples=2", "--new_tokens=4", "--lo=0", "--hi=2", f"--out={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(kc.read_counts(str(cpath))) == 40 and len(kc.read_rows(out)) == 40  # 0..2 of 2 keeps all
