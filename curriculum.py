@@ -90,8 +90,9 @@ def manifest(cfg: Config, raw: dict[str, str]) -> dict:
     """Everything the built data depends on; equal manifests mean the data can be reused."""
     files = {k: [p, os.path.getsize(p), int(os.path.getmtime(p))] if p else None for k, p in raw.items()}
     keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "seed")
+    code = Path(keychain.__file__).read_bytes() + Path(__file__).read_bytes()
     return {"settings": {k: getattr(cfg, k) for k in keys}, "mix": sizes(cfg.scale), "raw": files,
-            "code": hashlib.sha256(Path(keychain.__file__).read_bytes()).hexdigest()[:16]}
+            "code": hashlib.sha256(code).hexdigest()[:16]}
 
 
 def prepare(cfg: Config, run: Path) -> dict[str, Path]:
@@ -151,9 +152,11 @@ def mine_from_counts(rows: list[dict], counts: dict[str, tuple[int, int]]) -> tu
 
 
 def counts_from_rollouts(path: Path) -> dict[str, tuple[int, int]]:
-    """Stage I's own rollouts (grpo.py's mining.jsonl), summed over every time an item was drawn."""
+    """Stage I's own rollouts (grpo.py's mining.jsonl), summed over every step an item was drawn in; a step
+    that ran twice (resumed after a crash) counts once, with its last record."""
+    last = {(rec["step"], rec["id"]): rec for _, rec in keychain.read_records(path)}
     counts: dict = {}
-    for _, rec in keychain.read_records(path):
+    for rec in last.values():
         n, k = counts.get(rec["id"], (0, 0))
         counts[rec["id"]] = (n + rec["n"], k + rec["k"])
     return counts
@@ -181,7 +184,9 @@ def sample_counts(cfg: Config, rows: list[dict], out: Path) -> dict[str, tuple[i
     engine = rollout.make_engine(rcfg, cfg.model, tok)
     from tqdm import tqdm
 
-    for s in tqdm(range(0, len(mine), cfg.batch), desc="mining", disable=rank != 0):
+    # the same number of generate calls on every rank: vLLM's tensor-parallel groups gather inside each call
+    calls = int(grpo.all_max((len(mine) + cfg.batch - 1) // cfg.batch, device))
+    for s in tqdm(range(0, calls * cfg.batch, cfg.batch), desc="mining", disable=rank != 0):
         batch = mine[s:s + cfg.batch]
         ids = [tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in batch]
         outs = engine.generate(ids, seed=[grpo.hash_seed(cfg.seed, 7, hash_id(r["id"])) for r in batch])
@@ -253,7 +258,12 @@ def check(cfg: Config, run: Path) -> None:
         except Exception as e:  # noqa: BLE001 - any failure means we cannot start
             errors.append(f"model {cfg.model!r}: not a local folder with config.json, and loading it failed: {e}")
     if cfg.nproc:
+        import importlib.util
+
         import torch
+
+        if importlib.util.find_spec("vllm") is None:
+            errors.append("vllm is not installed (pip install -r requirements-gpu.txt): GPU presets generate with it")
 
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if have < cfg.nproc:

@@ -12,6 +12,7 @@ torch.distributed: NCCL + bf16 + flash-attn on GPU, gloo + fp32 + SDPA on CPU.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import os
@@ -78,6 +79,7 @@ class Config:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     stop_after: int = 0  # tests: exit after this many steps of this process (a crash after a checkpoint)
+    timeout_hours: float = 3.0  # collective timeout
 
 
 # ----------------------------------------------------------------------------- loss pieces (plain functions)
@@ -188,14 +190,14 @@ def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets) -> torch.Ten
     return logits.log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
 
 
-def load_lm(cfg: Config, tok) -> nn.Module:
-    """The policy in fp32 on the CPU (fp32 master weights; on GPU FSDP2 computes in bf16)."""
+def load_lm(cfg: Config, tok, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model on the CPU: the policy in fp32 (master weights; on GPU FSDP2 computes in bf16)."""
     if cfg.model == "tiny":
-        return rollout.tiny_model(len(tok), cfg.seed)
+        return rollout.tiny_model(len(tok), cfg.seed).to(dtype)
     from transformers import AutoModelForCausalLM
 
     flash = torch.cuda.is_available() and cfg.device != "cpu" and _has("flash_attn")
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32,
+    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
                                                 attn_implementation="flash_attention_2" if flash else "sdpa")
 
 
@@ -267,7 +269,9 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        # hours, not NCCL's 10 minutes: ranks wait in barriers while rank 0 exports or others finish generating
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=datetime.timedelta(hours=cfg.timeout_hours))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -294,6 +298,8 @@ class Trainer:
     def __init__(self, cfg: Config, reward_fn: Callable | None = None):
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed(cfg)
+        if cfg.tis_cap > 0 and (cfg.temperature != 1.0 or cfg.top_p < 1.0):
+            raise SystemExit("--tis_cap compares trainer and engine log-probs at temperature 1, top_p 1 only")
         if cfg.batch_prompts % self.world:
             raise SystemExit(f"--batch_prompts={cfg.batch_prompts} must be a multiple of the world size {self.world}")
         from torch.distributed.device_mesh import init_device_mesh
@@ -306,7 +312,10 @@ class Trainer:
             keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
         dist.barrier()
         self.tok = keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
-        self.rows = keychain.read_rows(cfg.data)
+        rows = keychain.read_rows(cfg.data)
+        self.rows = [r for r in rows if r.get("num_tokens", 0) <= cfg.max_prompt_tokens]
+        if len(self.rows) < len(rows) and self.rank == 0:
+            print(f"{cfg.data}: {len(rows) - len(self.rows)} rows over --max_prompt_tokens left out")
         if not self.rows:
             raise SystemExit(f"{cfg.data}: no rows")
         self.reward_cfg = rewards.Config(qa_metric=cfg.qa_metric)
@@ -320,10 +329,9 @@ class Trainer:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.engine = self._make_engine(lm)  # before sharding: the HF engine keeps an unsharded copy
         self.ref = None
-        if cfg.kl_coef > 0:
-            ref = copy.deepcopy(lm).requires_grad_(False).eval()
-            if self.device.type == "cuda":
-                ref = ref.to(torch.bfloat16)  # never trained: no fp32 master copy needed
+        if cfg.kl_coef > 0:  # never trained: on GPU loaded in bf16, without an fp32 copy in host memory
+            ref = load_lm(cfg, self.tok, torch.bfloat16) if self.device.type == "cuda" else copy.deepcopy(lm)
+            ref = ref.requires_grad_(False).eval()
             self.ref = shard(Policy(ref, cfg.logit_chunk), self.mesh, self.device,
                              cfg.ref_offload and self.device.type == "cuda")
         self.policy = shard(Policy(lm, cfg.logit_chunk), self.mesh, self.device, cfg.offload)
@@ -357,8 +365,8 @@ class Trainer:
 
     def encode(self, row: dict) -> list[int]:
         ids = self.tok(keychain.render_prompt(self.tok, row["messages"]), add_special_tokens=False)["input_ids"]
-        if len(ids) > self.cfg.max_prompt_tokens:  # keep the end (question, instruction); rare by construction
-            ids = ids[-self.cfg.max_prompt_tokens:]
+        if len(ids) > self.cfg.max_prompt_tokens:  # cutting would drop the chat header: the rows must fit
+            raise SystemExit(f"row {row.get('id')}: {len(ids)} prompt tokens > --max_prompt_tokens; rebuild the data")
         return ids
 
     # -- one step
@@ -420,7 +428,8 @@ class Trainer:
         self.score_logps(self.policy, seqs, "old")
         if self.ref is not None:
             self.score_logps(self.ref, seqs, "ref")
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": [], "skipped": 0,
+            self.ref.reshard()  # FSDP2 keeps a root's parameters gathered after a no-grad forward
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": [], "skipped": 0, "steps": 0,
                  "entropy": (sum(float(s["entropy"].sum()) for s in seqs), sum(len(s["completion"]) for s in seqs))}
         for _ in range(cfg.ppo_epochs):
             order = seqs[:]
@@ -431,16 +440,20 @@ class Trainer:
                 if n_tok == 0:
                     continue
                 self.opt.zero_grad(set_to_none=True)
+                before = stats["loss"]
                 for mb in self.micro_batches(mini):
                     self._backward(mb, n_tok, stats)
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                if not math.isfinite(norm) or not math.isfinite(stats["loss"]):
-                    stats["skipped"] += 1  # never let a NaN/inf reach the weights
-                    self.opt.zero_grad(set_to_none=True)
-                    continue
-                self.opt.step()
-                stats["grad_norm"].append(norm)
+                # one decision for all ranks, per mini-batch: a NaN/inf never reaches the weights
+                if all_max(float(not (math.isfinite(norm) and math.isfinite(stats["loss"] - before))), self.device):
+                    stats["skipped"] += 1
+                    stats["loss"] = before if math.isfinite(before) else 0.0
+                else:
+                    self.opt.step()
+                    stats["grad_norm"].append(norm)
+                    stats["steps"] += 1
+                self.opt.zero_grad(set_to_none=True)  # free the gradients before the push and the next rollout
         return stats
 
     def _backward(self, mb: list[dict], n_tok: float, stats: dict) -> None:
@@ -524,7 +537,8 @@ class Trainer:
                 "response_len": mean([r["len"] for r in recs]),
                 "truncated": mean([float(r["finish"] == "length") for r in recs]),
                 "dropped_groups": int(tot(info["dropped"])), "groups": int(tot(info["groups"])),
-                "loss": tot(st["loss"]), "kl": tot(st["kl"]), "clip_frac": tot(st["clip_frac"]),
+                "loss": tot(st["loss"]) / max(st["steps"], 1), "kl": tot(st["kl"]) / max(st["steps"], 1),
+                "clip_frac": tot(st["clip_frac"]) / max(st["steps"], 1), "optimizer_steps": st["steps"],
                 "entropy": tot(st["entropy"][0]) / max(tot(st["entropy"][1]), 1),
                 "grad_norm": mean(st["grad_norm"]), "skipped_steps": int(all_max(st["skipped"], self.device)),
                 "t_gen": all_max(info["t_gen"], self.device), "t_update": all_max(t_upd, self.device),
@@ -575,7 +589,8 @@ class Trainer:
         dist.barrier()
         if self.rank == 0:
             os.replace(tmp, final)
-            for old in sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".tmp"))[:-self.cfg.keep]:
+            done = sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".tmp"))
+            for old in done[:max(len(done) - max(self.cfg.keep, 1), 0)]:
                 shutil.rmtree(old)
         dist.barrier()
 
@@ -607,6 +622,9 @@ class Trainer:
             sd = {k[len("lm."):]: v for k, v in sd.items()}
             if getattr(self.policy.lm.config, "tie_word_embeddings", False):
                 sd.pop("lm_head.weight", None)  # gathered shards are separate copies; the config re-ties them
+            if self.device.type == "cuda":  # the next stage, vLLM and eval load bf16, not fp32 master weights
+                sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+                self.policy.lm.config.dtype = self.policy.lm.config.torch_dtype = torch.bfloat16
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             self.policy.lm.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)

@@ -39,10 +39,10 @@ case "$PRESET" in
     NPROC=${NPROC_PER_NODE:-8}; GPUS=$NPROC
     DATA="--tokenizer=$MODEL --scale=1 --max_tokens=16384 --key_style=uuid --hotpotqa=${HOTPOTQA:-} --twowiki=${TWOWIKI:-} --musique=${MUSIQUE:-} --dapo=${DAPO:-} --mathqa=${MATHQA:-} --haystack=${HAYSTACK:-}"
     # paper: G=8, lr 1e-6, KL 0.001 (k3), clip 0.2, 16K prompt + 4K response, ~256 prompts per step, ~24K tokens per GPU
-    RL="--batch_prompts=256 --group=8 --max_prompt_tokens=16384 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10"
+    RL="--engine=vllm --batch_prompts=256 --group=8 --max_prompt_tokens=16384 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10"
     [ "$PRESET" = 7b-mi300x ] && RL="$RL --micro_tokens=49152"  # 192 GB HBM; no flash-attn wheel assumed: SDPA unless installed
     STEPS_WARMUP="--epochs=${WARMUP_EPOCHS:-1}"; STEPS_1="--epochs=${STAGE1_EPOCHS:-1}"; STEPS_2="--epochs=${STAGE2_EPOCHS:-1}"
-    MINE="--group=8 --temperature=0.6 --max_new_tokens=4096 --tp=$TP"
+    MINE="--engine=vllm --group=8 --temperature=0.6 --max_new_tokens=4096 --tp=$TP"
     # LongBench and the general benchmarks need their files: EVAL_DATA=dir EVAL_BENCHMARKS=longbench,ruler,niah,...
     EVAL="--engine=vllm --prompt_style=train --benchmarks=${EVAL_BENCHMARKS:-ruler,niah} --data_dir=${EVAL_DATA:-data/eval} --ruler_lengths=4096,8192,16384,32768"
     ;;
@@ -68,7 +68,12 @@ say() { echo; echo "==== [$PRESET] $*"; }
 $PY curriculum.py check --preset="$PRESET" --run_dir="$RUN" --model="$MODEL" --nproc="$GPUS" $DATA
 
 say "data -> $RUN/data"
-$PY curriculum.py prepare --preset="$PRESET" --run_dir="$RUN" $DATA
+if [ "$NODE_RANK" = 0 ]; then
+  $PY curriculum.py prepare --preset="$PRESET" --run_dir="$RUN" $DATA
+  touch "$RUN/data/.ready"
+else  # RUN_DIR must be on a filesystem all nodes share: node 0 builds, the others wait for it
+  until [ -f "$RUN/data/.ready" ] && [ "$RUN/data/.ready" -nt "$0" ]; do sleep 10; done
+fi
 
 prev=$MODEL
 for stage in warmup stage1; do

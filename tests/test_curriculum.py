@@ -64,8 +64,9 @@ def test_mining_on_hand_made_counts():
 def test_counts_from_stage_one_rollouts_sum_every_draw(tmp_path):
     p = tmp_path / "mining.jsonl"
     kc.write_rows(p, [{"id": "x", "n": 4, "k": 4, "step": 1}, {"id": "y", "n": 4, "k": 1, "step": 1},
-                      {"id": "x", "n": 4, "k": 3, "step": 9}])
-    assert cur.counts_from_rollouts(p) == {"x": (8, 7), "y": (4, 1)}
+                      {"id": "x", "n": 4, "k": 3, "step": 9},
+                      {"id": "x", "n": 4, "k": 2, "step": 9}])  # step 9 ran again after a resume: its last record
+    assert cur.counts_from_rollouts(p) == {"x": (8, 6), "y": (4, 1)}
 
 
 # ----------------------------------------------------------------------------- train.sh
