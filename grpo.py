@@ -270,7 +270,8 @@ def init_distributed(cfg: Config) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # hours, not NCCL's 10 minutes: ranks wait in barriers while rank 0 exports or others finish generating
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None,
+        # gloo beside NCCL for CPU tensors (FSDP2 CPU offload gathers and clips shards that live in host memory)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=datetime.timedelta(hours=cfg.timeout_hours))
     return dist.get_rank(), dist.get_world_size(), device
 
