@@ -51,7 +51,6 @@ RULER_PROMPT = (
 )
 RULER_NEEDLE = "One of the special magic {type_v} for {key} is: {value}."
 CHOICE_PROMPT = "Question: {problem}\nChoices:{choices}"
-KINDS = ("keychain", "qa", "ruler", "math", "choice")
 
 
 # ----------------------------------------------------------------------------- config
@@ -757,7 +756,7 @@ def _mean_var(xs: list[int]) -> tuple[float, float]:
 
 
 def prompt_tokens(tok, user: str) -> int:
-    return count_tokens(tok, [render_prompt(tok, chat(user))])[0]
+    return prompt_tokens_msgs(tok, chat(user))
 
 
 def build_row(item: dict, kind: str, pool: Pool, budget: Budget, tok, cfg: Config, slack: int = 0) -> tuple[dict | None, str]:
