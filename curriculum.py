@@ -212,6 +212,8 @@ def mine(cfg: Config, run: Path) -> None:
     out = run / "mining"
     out.mkdir(parents=True, exist_ok=True)
     if cfg.mine_mode == "rollouts":
+        if int(os.environ.get("RANK", 0)) != 0:
+            return  # no sampling: rank 0 alone reads the records
         counts = counts_from_rollouts(run / "stage1" / "mining.jsonl")
         rows = [r for r in rows if r["id"] in counts]  # items Stage I never drew stay out
     else:

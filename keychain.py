@@ -390,7 +390,8 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
             elif msgs[0]["role"] != "system":
                 msgs = [{"role": "system", "content": SYSTEM_PROMPT}] + msgs
             extra = rec.get("extra_info") or {}
-            row = {"id": str(extra.get("index", i)) if isinstance(extra, dict) else str(i), "source": source or ds,
+            idx = extra.get("index", i) if isinstance(extra, dict) else i
+            row = {"id": f"{source or ds}-{idx}", "source": source or ds,  # ids unique across mixed sources
                    "kind": kind, "messages": msgs, "answers": answers}
             if kind == "keychain" and isinstance(extra, dict):
                 row.update({k: extra[k] for k in ("start_key", "question") if k in extra})
@@ -402,7 +403,7 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
             if len(choices) < 2 or letter not in [c for c, _ in choices]:
                 raise DataError(f"{where}: options {opts!r} or correct {letter!r} not parseable")
             text = "\n".join(f"({c.upper()}) {t}" for c, t in choices)
-            row = {"id": str(rec.get("id", i)), "source": source or "mathqa", "kind": "choice",
+            row = {"id": f"{source or 'mathqa'}-{rec.get('id', i)}", "source": source or "mathqa", "kind": "choice",
                    "messages": chat(CHOICE_PROMPT.format(problem=problem.strip(), choices=text)),
                    "answers": [letter.upper()]}
         else:

@@ -10,7 +10,8 @@
 # RUN_DIR (default runs/<preset>), MODEL (hub id or local folder), PYTHON (default python),
 # raw data: HOTPOTQA, TWOWIKI, MUSIQUE (the QA sources), DAPO (DAPO-Math-17k parquet), MATHQA (json),
 # HAYSTACK (optional book for the RULER needles); stage lengths: WARMUP_EPOCHS, STAGE1_EPOCHS, STAGE2_EPOCHS;
-# evaluation: EVAL_BENCHMARKS (default ruler,niah), EVAL_DATA (the files of LongBench, MMLU, ... for eval.py).
+# evaluation: EVAL_BENCHMARKS (default ruler,niah), EVAL_DATA (the files of LongBench, MMLU, ... for eval.py);
+# MINE_MODE=rollouts mines hard items from Stage I's own rollouts instead of sampling them again.
 # Re-running the same command resumes: finished stages are skipped, the current one continues from its last
 # checkpoint.
 set -euo pipefail
@@ -91,7 +92,7 @@ if [ -f "$RUN/mining/report.json" ] && [ -f "$RUN/data/stage2.jsonl" ]; then
   say "hard mining: done, skipping"
 else
   say "hard mining: every Stage I item sampled G times with $prev"
-  $TORCHRUN curriculum.py mine --preset="$PRESET" --run_dir="$RUN" --model="$prev" $MINE $DATA
+  $TORCHRUN curriculum.py mine --preset="$PRESET" --run_dir="$RUN" --model="$prev" --mine_mode="${MINE_MODE:-sample}" $MINE $DATA
 fi
 
 if [ -f "$RUN/stage2/hf/config.json" ]; then
