@@ -547,7 +547,7 @@ def generate_raw(out_dir: str, n: int = 200, seed: int = 0) -> dict[str, str]:
         mathqa.append({"Problem": f"a box has {x} rows of {z} tiles . how many tiles are there ?",
                        "Rationale": f"\"{x} * {z} = {right}\"", "correct": letter, "category": "general",
                        "options": " , ".join(f"{c} ) {v}" for c, v in zip("abcde", opts)),
-                       "annotated_formula": f"multiply({x}, {z})", "linear_formula": f"multiply(n0,n1)|"})
+                       "annotated_formula": f"multiply({x}, {z})", "linear_formula": "multiply(n0,n1)|"})
     paths = {}
     for name, data in (("hotpotqa.json", hotpot), ("2wiki.json", wiki), ("musique.jsonl", musique),
                        ("dapo.jsonl", dapo), ("mathqa.json", mathqa)):
@@ -669,7 +669,7 @@ def make_chains(rng: random.Random, questions: list[str], hops: int, style: str)
     """One chain per question (the first is the real one): key1->key2 ... key_h->question. Keys never repeat."""
     seen: set = set()
     pairs, start = [], ""
-    for c, q in enumerate(questions):
+    for q in questions:
         keys = []
         while len(keys) < hops:
             k = new_key(rng, style)
@@ -738,6 +738,8 @@ class Budget:
         self.kk, self.kk_var = _mean_var(kk)
         self.kq, self.kq_var = _mean_var(kq)
         self.q_mean = sum(self.qtok.values()) / len(self.qtok)
+        # the instruction around an empty context: the same for every item (start keys have one length)
+        self.instruction = prompt_tokens(tok, KEYCHAIN_PROMPT.format(context="", start_key=new_key(rng, style)))
 
     def pairs(self, questions: list[str], hops: int) -> int:
         n_kk, n_kq = len(questions) * (hops - 1), len(questions)
@@ -773,8 +775,7 @@ def build_row(item: dict, kind: str, pool: Pool, budget: Budget, tok, cfg: Confi
             return None, "core documents exceed the budget"
         row["messages"] = chat(QA_PROMPT.format(context=passages(docs), question=q))
         return row, ""
-    probe = KEYCHAIN_PROMPT.format(context="", start_key=new_key(random.Random(0), cfg.key_style))
-    room = L - prompt_tokens(tok, probe) - 2
+    room = L - budget.instruction - 2
     n_chains = budget.chains_for(room, cfg.chains_per_1k, cfg.hops)
     real = norm_q(q)
     cands = [x for x in pool.questions if norm_q(x) != real]
@@ -841,7 +842,7 @@ def ruler_row(i: int, sents: list[str], sent_tok: list[int], tok, cfg: Config, s
     if len(hay) < 2:
         return None, "haystack budget too small"
     at = sorted(rng.sample(range(len(hay) + 1), len(needles)))
-    for k, (pos, nd) in enumerate(zip(reversed(at), reversed(needles))):
+    for pos, nd in zip(reversed(at), reversed(needles)):  # from the back, so earlier positions stay valid
         hay.insert(pos, nd)
     depths = [round(hay.index(nd) / (len(hay) - 1), 4) for nd in needles]
     row = {"id": f"ruler-{mode}-{i}", "source": "ruler", "kind": "ruler", "answers": answers, "mode": mode,
