@@ -634,8 +634,8 @@ def ruler_pred(text: str, style: str) -> str:
 
 def score_general(bench: str, rows: list[dict], style: str) -> dict:
     if bench != "ifeval":
-        got = reward.score_batch([{"kind": r["kind"], "answers": r["answers"]} for r in rows],
-                                 [r["pred"] for r in rows])
+        got = reward.score_batch([{"kind": r["kind"], "answers": r["answers"]} for r in rows],  # plain: no </think>
+                                 [r["pred"] if style == "train" else "</think>" + r["pred"] for r in rows])
         return {"acc": _pct([s for s, _ in got]), "n": len(rows)}
     try:
         from lm_eval.tasks.ifeval import utils as ifeval

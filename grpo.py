@@ -320,7 +320,9 @@ class Trainer:
         if not self.rows:
             raise SystemExit(f"{cfg.data}: no rows")
         self.reward_cfg = rewards.Config(qa_metric=cfg.qa_metric)
-        self.reward_fn = reward_fn or (lambda rows, texts: rewards.score_batch(rows, texts, self.reward_cfg))
+        # (rows, texts, finish reasons) -> [(reward, diag)]; a reward_fn given here reads rows and texts only
+        self.reward_fn = ((lambda rows, texts, finish: reward_fn(rows, texts)) if reward_fn else
+                          (lambda rows, texts, finish: rewards.score_batch(rows, texts, self.reward_cfg, finish=finish)))
         torch.manual_seed(cfg.seed)
         lm = load_lm(cfg, self.tok)  # on the CPU in fp32: fully_shard moves only each rank's shard to the GPU
         if cfg.grad_ckpt:  # non-reentrant: composes with FSDP2's hooks (transformers 5 renamed the method)
@@ -383,7 +385,8 @@ class Trainer:
         outs = self.engine.generate(prompts, n=G, seed=seeds)
         t_gen = time.time() - t0
         texts = [c.text for comps in outs for c in comps]
-        scored = self.reward_fn([r for r in rows for _ in range(G)], texts)
+        finish = [c.finish_reason for comps in outs for c in comps]  # "length" (cut): reward 0 in reward.py
+        scored = self.reward_fn([r for r in rows for _ in range(G)], texts, finish)
         seqs, records, dropped = [], [], 0
         for i, (row, prompt, comps) in enumerate(zip(rows, prompts, outs)):
             r = torch.tensor([float(s[0]) for s in scored[i * G:(i + 1) * G]])

@@ -1,29 +1,51 @@
-"""Rule-based rewards and benchmark metrics: every score of the project comes from here (LOONGRL.md 4, 7).
+"""Rule-based rewards and benchmark metrics: every score of the project comes from here.
 
     python reward.py --rows=rows.jsonl --responses=responses.jsonl              # mean reward per source/kind
     python reward.py --rows=rows.jsonl --responses=r.jsonl --qa_metric=f1 --out=scored.jsonl
 
-responses.jsonl holds {"id": <row id>, "response": <text>} lines, several per id allowed.
+responses.jsonl holds {"id": <row id>, "response": <text>[, "finish": "stop" | "length"]} lines, several per id.
 
-Answer = content of the last \\boxed{...} / \\fbox{...} / `\\boxed x` after the last </think> (the whole text
-when there is none); else the last "the answer is ..."; else the text after </think>. Rewards by row kind:
-keychain, qa -> QA rule (qa_metric: substring | sub_em | em | f1 | hotpot_f1); ruler -> every gold in the box;
-choice -> the letter; math -> DAPO "Answer:" line / box with Minerva normalization, then math-verify.
+One final answer is graded. The prompt prefills `<think>`, so a complete response holds `</think>`; the answer is the
+last \\boxed{...} / \\fbox{...} / `\\boxed x` after the last </think>; without a box: math's DAPO "Answer:" line, else
+the last "the answer is ...", else the whole text after </think>. Rewards by row kind: keychain, qa -> QA rule
+(qa_metric: sub_em | substring | em | f1 | hotpot_f1); ruler -> every gold value, nothing else; choice -> the
+letter; math -> Minerva normalization (DAPO), then math-verify.
 
-Guards against reward hacking, on by default (QA; * = ruler too; empty and too_long also guard math, where
-too_long keeps sympy's input short). Each scores 0 and names itself in diag["rule"]:
-  * empty      an answer that normalizes to "" ("\\boxed{}", "\\boxed{the}", "..."): "" is a substring of
-               every gold, so two-way sub_em would reward saying nothing.
-  * multi_box  more than one box after </think>: several boxes are several answers, a hedge that
-               scorers reading different boxes (first, last, any) would grade differently.
-    braces     "{" or "}" left in a QA answer after unwrapping \\text{..}: sets and nested boxes ("{A}{B}")
-               smuggle several answers (the authors' strict mode).
-  * too_long   longer than the longest gold (ruler: all golds) by more than max_answer_chars (paper: 128):
-               a list of candidates contains the gold.
-    yes_no     "yes" and "no" both as words (unless a gold has both): one answer to every yes/no question.
-    whole_words substring tests align to word boundaries: character-level, "e" is inside most golds
-               (sub_em's prediction-in-gold side) and "art" inside "cartoon".
---guards=false turns them all off (the literal public rules).
+Guards (qa_rule=guarded, the default). The policy optimizes whatever is paid, so each rule below closes a way to
+be paid without being right; each scores 0 and names itself in diag["rule"]:
+  length       the completion hit the token limit (finish="length"): its text is cut, whatever it holds.
+  no_think     no </think>: a response cut mid-reasoning ("<think>maybe \\boxed{Paris} hmm... Lond") has no final
+               answer, only drafts.
+  multi_box    two different answers after </think> ("\\boxed{London} ... \\boxed{Paris}", a box inside a box):
+               a hedge. Identical boxes count once and empty boxes ("in \\boxed{} form") are ignored; RULER joins
+               its boxes (values may be spread over them).
+  empty        an answer that normalizes to "" ("\\boxed{the}"): "" is inside every gold. Wrong in every mode.
+  too_long     longer than the longest gold (ruler: all golds) by more than max_answer_chars (128, as the
+               authors' strict mode): a long enumeration of candidates.
+  braces       "{" or "}" left in a QA answer once every \\text-like wrapper is removed ("{London}, {Paris}").
+  list         three or more comma / semicolon / line separated items ("Paris, London, Berlin") when the gold
+               has fewer. With one comma ("New York, USA") only the first item is graded: the gold must be the
+               head, a qualifier after it earns nothing, so "Paris, London" pays only when Paris is right.
+  alternatives "or", "either", "vs", "and/or", a slash ("Paris or London", "Paris/London"; math: \\lor, \\vee).
+  conjunction  "and" joining candidates ("Paris and London") when the gold has no "and".
+  negation     "not Paris", "neither ... nor", "no": says what is not the answer.
+  yes_no       both "yes" and "no".
+  extra_words  more than max_extra_words content words besides the gold ("Paris London Berlin Rome").
+  fragment     (sub_em, answer inside the gold) the answer covers less than half of the gold's content words,
+               or is only stop words ("of" for "Bank of America") or a lone number inside a longer gold ("1" for
+               "1 December 2010").
+  equation     math: "=" other than one "var = value" ("7=5": math-verify compares the right side only).
+  extra_values ruler: a value that is no gold ("1234567 7654321 5550123"); a gold glued to another
+               ("12345677654321") is not found, since values are read as whole tokens.
+(A form a gold itself has is allowed: "Simon and Garfunkel", "yes and no", "Paris, France".)
+
+Normalization that keeps right answers right (QA): every \\text-like wrapper anywhere (\\text{Paris} (France),
+\\textsc{..}), accents (NFKD: "Sao Paulo" == "São Paulo"), curly quotes, hyphens and dashes as spaces
+("rock-and-roll"), "&" as "and", possessive 's ("Sony's" == "Sony"), number words zero..twenty ("three" == "3"),
+thousands separators, a/an/the; a parenthetical is a qualifier. Choice reads "C", "(C)", "C)", "C. 12 km", "Option C".
+
+--qa_rule=public: the authors' public QA rule, literally: the normalized gold is a substring of the normalized last
+box (no guards), except that an empty answer is wrong. The other kinds are graded as above.
 
 Benchmark metrics are plain functions with no guards, exactly as the benchmarks define them:
 qa_f1_score / longbench_score (LongBench v1), exact_match, hotpot_f1 (HotpotQA's yes/no rule),
@@ -39,6 +61,7 @@ import re
 import string
 import sys
 import threading
+import unicodedata
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -53,16 +76,12 @@ from keychain import DataError, parse_config, read_records, write_rows
 @dataclass
 class Config:
     rows: str = ""  # CLI: rows .jsonl/.parquet (keychain.py output)
-    responses: str = ""  # CLI: {"id", "response"} .jsonl
+    responses: str = ""  # CLI: {"id", "response"[, "finish"]} .jsonl
     out: str = ""  # CLI: optional .jsonl of {"id", "reward", "pred", "rule"} per response
-    qa_metric: str = "sub_em"  # substring (public code default) | sub_em (final runs) | em | f1 | hotpot_f1
-    guards: bool = True  # master switch for every guard below
-    guard_empty: bool = True
-    guard_multi_box: bool = True
-    guard_braces: bool = True
-    guard_yes_no: bool = True
-    whole_words: bool = True
-    max_answer_chars: int = 128  # too_long slack over the longest gold; < 0 disables
+    qa_metric: str = "sub_em"  # sub_em (final runs) | substring (gold in answer) | em | f1 | hotpot_f1
+    qa_rule: str = "guarded"  # guarded (every guard above) | public (the authors' public one-way rule, empty = 0)
+    max_answer_chars: int = 128  # too_long slack over the longest gold (authors' strict mode); < 0 disables
+    max_extra_words: int = 2  # content words allowed beside the gold ("the capital of France, Paris"); more = a list
     math_timeout: int = 5  # seconds per math-verify parse/compare (signal based: main thread only)
     workers: int = 0  # processes for math rows in score_batch; 0 = min(cpu count, 8); 1 = inline
     pool_min: int = 32  # fewer math rows than this are scored inline (pool start-up costs more)
@@ -70,26 +89,23 @@ class Config:
 
 
 QA_METRICS = ("substring", "sub_em", "em", "f1", "hotpot_f1")
+QA_RULES = ("guarded", "public")
+KINDS = ("keychain", "qa", "ruler", "choice", "math")
 DEFAULT = Config()
 
 
 # ----------------------------------------------------------------------------- answer extraction
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _ANSWER_IS = re.compile(r"(?i)\bthe (?:final |correct )?answer is\s*:?[ \t]*")
-_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|emph)\s*\{(.*)\}", re.S)
+_ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")  # DAPO's math answer line
+# formatting commands whose argument is the text itself: removed wherever they are (innermost first)
+_WRAPPER = re.compile(r"\\(?:text[a-z]*|math(?:rm|bf|it|sf|tt|normal)|mbox|hbox|emph|underline|operatorname)\s*"
+                      r"\{([^{}]*)\}|\{\\(?:bf|it|em|rm|sc|tt|sf)\s+([^{}]*)\}")
+_SPACES = re.compile(r"\\[ ,;:!]|~")
 
 
-def _balanced(s: str) -> bool:
-    depth = 0
-    for c in s:
-        depth += (c == "{") - (c == "}")
-        if depth < 0:
-            return False
-    return depth == 0
-
-
-def _box_content(s: str, i: int) -> str | None:
-    """Content of the box whose command ends at s[i]; None when truncated (unbalanced braces)."""
+def _box(s: str, i: int) -> tuple[str | None, int]:
+    """(content, end) of the box whose command ends at s[i]; content None when truncated (unbalanced braces)."""
     j = i
     while j < len(s) and s[j] in " \t":
         j += 1
@@ -105,45 +121,72 @@ def _box_content(s: str, i: int) -> str | None:
             elif c == "}":
                 depth -= 1
                 if depth == 0:
-                    return s[j + 1 : k]
+                    return s[j + 1 : k], k + 1
             k += 1
-        return None
+        return None, len(s)
     if j == i:  # "\boxed5": not a box
-        return None
-    return s[j:].split("$")[0].split("\n")[0]  # `\boxed x` (MATH style) runs to "$" or the line end
+        return None, i
+    got = s[j:].split("$")[0].split("\n")[0]  # `\boxed x` (MATH style) runs to "$" or the line end
+    return got, j + len(got)
 
 
-def _unwrap(s: str) -> str:
-    """'\\text{Paris}' -> 'Paris': formatting around the whole answer, not part of it."""
-    s = s.strip()
-    while (m := _WRAPPER.fullmatch(s)) and _balanced(m.group(1)):
-        s = m.group(1).strip()
-    return s
+def boxes(region: str) -> list[str | None]:
+    """Contents of the top-level boxes in order (a box inside a box stays inside its content); None = truncated."""
+    out, pos = [], 0
+    while m := _BOX.search(region, pos):
+        got, pos = _box(region, m.end())
+        if got is not None or pos > m.end():  # "\boxed5" is no box at all
+            out.append(got)
+        pos = max(pos, m.end())
+    return out
 
 
-def _extract(text: str) -> tuple[str | None, int, str]:
-    """(answer, boxes after </think>, how it was found)."""
-    if not isinstance(text, str):
-        return None, 0, "none"
+def unwrap(s: str) -> str:
+    """'\\text{New York}, \\textsc{USA}.' -> 'New York, USA.': formatting, wherever it is, is not the answer."""
+    s, prev = _SPACES.sub(" ", s), None
+    while prev != s:
+        prev, s = s, _WRAPPER.sub(lambda m: m.group(1) if m.group(1) is not None else m.group(2), s)
+    return s.replace("$", "").strip()
+
+
+def _key(s: str) -> str:
+    """Two boxes with this key are one answer written twice ("\\boxed{Paris} ... \\boxed{\\text{paris}.}")."""
+    return re.sub(r"[\s.,;:!?()]", "", unwrap(s).lower())
+
+
+def _final(text: str, kind: str | None, join: bool) -> tuple[str | None, str, int]:
+    """(answer, how it was found, distinct non-empty boxes) from the text after the last </think>, or from the
+    whole text when there is none. join: RULER reads all distinct boxes, the others the last one."""
     k = text.rfind("</think>")
     region = text[k + len("</think>") :] if k >= 0 else text
-    boxes = list(_BOX.finditer(region))
-    if boxes:
-        got = _box_content(region, boxes[-1].end())
-        return (None if got is None else _unwrap(got)), len(boxes), "box"
+    found = boxes(region)
+    if found:
+        if found[-1] is None:  # cut mid-box: no answer
+            return None, "none", 0
+        seen: dict[str, str] = {}
+        for b in found:
+            if b is not None and _key(b):
+                seen.setdefault(_key(b), b)
+        if not seen:
+            return unwrap(found[-1]), "box", 0
+        last = next(b for b in reversed(found) if b is not None and _key(b))
+        return (", ".join(map(unwrap, seen.values())) if join else unwrap(last)), "box", len(seen)
+    if kind == "math" and (lines := _ANSWER_LINE.findall(region[-300:])):  # DAPO reads the tail only
+        return lines[-1].strip(), "answer_line", 0
     said = None
     for said in _ANSWER_IS.finditer(region):  # the last one, to the end of its line
         pass
     if said:
-        return _unwrap(region[said.end() :].split("\n")[0].strip().rstrip(".")), 0, "answer_is"
+        return unwrap(region[said.end() :].split("\n")[0].strip().rstrip(".")), "answer_is", 0
     if k >= 0 and region.strip():
-        return _unwrap(region), 0, "after_think"
-    return None, 0, "none"
+        return unwrap(region), "after_think", 0
+    return None, "none", 0
 
 
 def extract_answer(text: str) -> str | None:
-    """The model's final answer; None when it gave none (no box, no "the answer is", nothing after </think>)."""
-    return _extract(text)[0]
+    """The model's final answer (the last non-empty box, else "the answer is ...", else the text after </think>);
+    None when it gave none. Reads the whole text when there is no </think> (prompts without the think prefill)."""
+    return _final(text, None, False)[0] if isinstance(text, str) else None
 
 
 # ----------------------------------------------------------------------------- benchmark metrics (no guards)
@@ -213,7 +256,6 @@ _REMOVED = ["square", "ways", "integers", "dollars", "mph", "inches", "hours", "
             "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
             "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;",
             ",\\!", "{,}", '"', "\\dots"]
-_ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 
 
 def normalize_final_answer(ans: str) -> str:
@@ -257,105 +299,229 @@ def math_equal(pred: str, gold: str, cfg: Config = DEFAULT) -> bool:
     return bool(g and p and verify(g, p, timeout_seconds=t))
 
 
-# ----------------------------------------------------------------------------- rewards by kind
+# ----------------------------------------------------------------------------- QA: normalization and answer forms
+_STOP = frozenset("of and or in on at to for by with from as is are was were be been it its this that these those "
+                  "he she they his her their de da di du del la le von van".split())
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_TYPOGRAPHY = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"',
+                             "″": '"', "–": "-", "—": "-", "‐": "-", "‑": "-", "‒": "-", "―": "-", "−": "-"})
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,000" -> "1000"
+_SEPARATOR = re.compile(r"[;\n]|,(?!\d{3}(?!\d))")  # between items of a list (not a thousands comma)
+_PAREN = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")  # "(France)": a qualifier
+_PUNCT_CHARS = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]")  # any punctuation, except a decimal point
+_SLASH = re.compile(r"(?<!\d)/|/(?!\d)|\|")  # "Paris/London", "and/or"; "1/2" is a number
+_ALTERNATIVES = frozenset({"or", "either", "vs", "versus"})
+_NEGATIONS = frozenset("not no never neither nor none nothing nobody cannot cant dont doesnt didnt isnt wasnt arent "
+                       "werent wont hasnt havent hadnt".split())
+_FORM_RULES = ("yes_no", "alternatives", "list", "conjunction", "negation")  # checked in this order
+
+
+def _plain(s: str) -> str:
+    """Accents off (NFKD: "São" -> "sao"), curly quotes and dashes straightened, lower case."""
+    s = unicodedata.normalize("NFKD", s)
+    return "".join(c for c in s if not unicodedata.combining(c)).translate(_TYPOGRAPHY).lower()
+
+
+def _norm(s: str, possessive: bool = True) -> str:
+    """Reward normalization: _plain, "&" = "and", possessive 's off, hyphens/slashes = spaces, punctuation off,
+    a/an/the off, number words zero..twenty as digits. (normalize_answer stays LongBench's, for the metrics.)"""
+    s = _plain(s).replace("&", " and ")
+    if possessive:
+        s = re.sub(r"'s\b", "", s)
+    s = _PUNCT_CHARS.sub("", re.sub(r"[-/_]", " ", _THOUSANDS.sub("", s)))
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in s.split() if w not in ("a", "an", "the"))
+
+
+def _norms(s: str) -> set[str]:
+    """Both readings of an apostrophe-s: "Sony's" is "Sony", but "McDonald's" is also "McDonalds"."""
+    return {_norm(s), _norm(s, possessive=False)} if "'" in s or "’" in s else {_norm(s)}
+
+
+def _content(s: str) -> list[str]:
+    return [w for w in s.split() if w not in _STOP]
+
+
+def _parts(s: str) -> list[str]:
+    """Comma / semicolon / line separated items, parentheticals left out: "Paris (France), Texas" -> 2 items."""
+    return [p for p in _SEPARATOR.split(_PAREN.sub(" ", s)) if _norm(p)]
+
+
+def _forms(s: str) -> set[str]:
+    """The hedging shapes an answer has: yes_no, alternatives, list (3+ items), conjunction, negation."""
+    words = set(_norm(s).split())
+    out = set()
+    if {"yes", "no"} <= words:
+        out.add("yes_no")
+    if words & _ALTERNATIVES or _SLASH.search(s):
+        out.add("alternatives")
+    if len(_parts(s)) >= 3:
+        out.add("list")
+    if "and" in words:
+        out.add("conjunction")
+    if words & _NEGATIONS:
+        out.add("negation")
+    return out
+
+
+def _covers(pred: str, gold: str) -> bool:
+    """A normalized answer inside a normalized gold is right only when it covers a substantial part of it: at least
+    half of the gold's content words, at least one content word, and not a lone number ("1" in "1 December 2010")."""
+    p, g = pred.split(), gold.split()
+    pc, gc = _content(pred), _content(gold) or g
+    if not pc or (len(p) == 1 and re.fullmatch(r"[\d.]+", p[0]) and len(g) > 1):
+        return False
+    return 2 * len(pc) >= len(gc)
+
+
+def _qa(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
+    """Guarded QA: hedging forms the gold does not share score 0, then the metric on the head of the answer."""
+    if "{" in pred or "}" in pred:
+        return 0.0, "braces"
+    have, allowed = _forms(pred), set().union(*map(_forms, golds))
+    for rule in _FORM_RULES:
+        if rule in have and rule not in allowed:
+            return 0.0, rule
+    m = cfg.qa_metric
+    if m == "f1":
+        return longbench_score(pred, golds), m
+    if m == "hotpot_f1":
+        return max(hotpot_f1(pred, g) for g in golds), m
+    if m not in ("sub_em", "substring", "em"):
+        raise ValueError(f"unknown qa_metric {m!r} (one of {QA_METRICS})")
+    head = (_parts(pred) or [pred])[0]
+    why = m
+    for gold in golds:
+        # "New York, USA": the head is the answer, a qualifier after it earns nothing; unless the gold has parts
+        whole = m == "em" or len(_parts(gold)) > 1 or bool(_PAREN.search(gold))
+        for p in _norms(pred if whole else head):
+            for g in _norms(gold):
+                if not g or not p:
+                    continue
+                if m == "em":
+                    if p == g:
+                        return 1.0, m
+                elif f" {g} " in f" {p} ":  # whole words: "art" is not in "cartoon"
+                    if len(_content(p)) - len(_content(g)) <= cfg.max_extra_words:
+                        return 1.0, m
+                    why = "extra_words"
+                elif m == "sub_em" and f" {p} " in f" {g} ":
+                    if _covers(p, g):
+                        return 1.0, m
+                    why = "fragment"
+    return 0.0, why
+
+
+# ----------------------------------------------------------------------------- ruler, choice, math
+_VALUE = re.compile(r"[^\W_]+(?:-[^\W_]+)*")  # a value is a whole token: "12345677654321" holds no 1234567
+_RULER_WORDS = frozenset("special magic number numbers value values word words key keys uuid uuids".split())
+
+
+def _ruler(pred: str, golds: list[str]) -> tuple[float, str]:
+    """Every gold value is in the answer (boxes joined), and no other value is: a candidate list is no answer."""
+    toks = _VALUE.findall(_THOUSANDS.sub("", _plain(pred)))
+    want = [" ".join(_VALUE.findall(_plain(g))) for g in golds]
+    text = f" {' '.join(toks)} "
+    if not all(f" {w} " in text for w in want):
+        return 0.0, "ruler_all"
+    gold_toks = {t for w in want for t in w.split()}
+    numeric = [t for t in gold_toks if any(c.isdigit() for c in t)]
+    if numeric:  # number values: any other number at least as long as the shortest gold is a candidate
+        shortest = min(map(len, numeric))
+        extra = [t for t in toks if t not in gold_toks and any(c.isdigit() for c in t) and len(t) >= shortest]
+    else:  # word values: any other content word is
+        extra = [t for t in toks if t not in gold_toks and t not in _STOP and t not in _RULER_WORDS]
+    return (0.0, "extra_values") if extra else (1.0, "ruler_all")
+
+
+def _choice_letter(s: str) -> str | None:
+    """'C', '(C)', 'C)', 'C. 12 km', 'Option C' -> 'C'; a lone lower-case letter counts; 'A cat', 'A) or B)' -> None."""
+    s = re.sub(r"(?i)^(?:option|choice)[\s:]*", "", s.strip())
+    if m := re.fullmatch(r"\(?([A-Za-z])\)?\.?", s):
+        return m.group(1).upper()
+    m = re.match(r"\(?([A-Z])[).:]", s)
+    if not m or re.search(r"\(?\b[A-Z]\)|\b(?:or|and)\s+\(?[A-Z]\b", s[m.end():]):  # a second option: a hedge
+        return None
+    return m.group(1)
+
+
+_MATH_HEDGE = re.compile(r"\\(?:lor|vee|land|wedge)(?![A-Za-z])|\bor\b")  # math-verify reads "3 \lor 5" as 5
+_VAR_EQ = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?(?:\([^()=]*\))?\s*=([^=]+)")  # "x = 5", "a_1 = 5", "f(x) = 2x"
+
+
+def _math(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
+    if _MATH_HEDGE.search(pred) and not any(_MATH_HEDGE.search(g) for g in golds):
+        return 0.0, "alternatives"
+    if "=" in pred and not any("=" in g for g in golds):  # Minerva keeps what follows the last "=": "7=5" -> "5"
+        m = _VAR_EQ.fullmatch(pred)
+        if not m:
+            return 0.0, "equation"
+        pred = m.group(1)
+    if any(normalize_final_answer(pred) == normalize_final_answer(g) for g in golds):
+        return 1.0, "minerva"
+    if any(math_equal(pred, g, cfg) for g in golds):
+        return 1.0, "math_verify"
+    return 0.0, "math_wrong"
+
+
+# ----------------------------------------------------------------------------- the reward
 def _golds(row: dict) -> list[str]:
     a = row.get("answers")
     return [] if a is None else [str(x) for x in ([a] if isinstance(a, (str, int, float)) else a)]
 
 
-def _contains(hay: str, needle: str, whole_words: bool) -> bool:
-    return f" {needle} " in f" {hay} " if whole_words else needle in hay
-
-
-def _qa_reward(pred: str, golds: list[str], cfg: Config, ww: bool) -> float:
-    m = cfg.qa_metric
-    if m == "f1":
-        return longbench_score(pred, golds)
-    if m == "hotpot_f1":
-        return max(hotpot_f1(pred, g) for g in golds)
-    p = normalize_answer(pred)
-    ns = [normalize_answer(g) for g in golds]
-    if m == "em":
-        return float(p in ns)
-    if m == "substring":
-        return float(any(_contains(p, g, ww) for g in ns))
-    if m == "sub_em":
-        return float(any(_contains(p, g, ww) or _contains(g, p, ww) for g in ns))
-    raise ValueError(f"unknown qa_metric {m!r} (one of {QA_METRICS})")
-
-
-def _choice_letter(s: str) -> str | None:
-    """'(C)', 'C', 'C) 12 km', 'C. 12' -> 'C'; a lone lower-case letter counts; 'A cat' is no letter."""
-    s = s.strip()
-    m = re.fullmatch(r"\(?([A-Za-z])\)?\.?", s) or re.match(r"\(?([A-Z])[).:]", s)
-    return m.group(1).upper() if m else None
-
-
-def score(row: dict, response: str, cfg: Config | None = None) -> tuple[float, dict]:
-    """Reward of one response to one row, by the row's kind, and {"pred", "rule"} saying what decided."""
+def score(row: dict, response: str, cfg: Config | None = None, finish: str | None = None) -> tuple[float, dict]:
+    """Reward of one response to one row, by the row's kind, and {"pred", "rule"} saying what decided.
+    finish: the engine's finish reason; "length" (cut at the token limit) scores 0."""
     cfg = cfg or DEFAULT
-    kind, golds, on = row.get("kind"), _golds(row), cfg.guards
-    pred, n_boxes, _ = _extract(response)
-    diag: dict[str, Any] = {"pred": pred, "rule": ""}
+    kind, golds = row.get("kind"), _golds(row)
+    if kind not in KINDS:
+        raise ValueError(f"row {row.get('id')!r}: unknown kind {kind!r}")
+    if cfg.qa_rule not in QA_RULES:
+        raise ValueError(f"unknown qa_rule {cfg.qa_rule!r} (one of {QA_RULES})")
+    diag: dict[str, Any] = {"pred": None, "rule": ""}
 
     def out(r: float, rule: str) -> tuple[float, dict]:
         diag["rule"] = rule
         return float(r), diag
 
-    if kind == "math":  # DAPO: the last "Answer:" line; or the box / fallback answer
-        text = response if isinstance(response, str) else ""
-        k = text.rfind("</think>")
-        lines = _ANSWER_LINE.findall((text[k + len("</think>") :] if k >= 0 else text)[-300:])  # DAPO's tail
-        cands = [c for c in (pred, lines[-1] if lines else None) if c is not None]
-        if diag["pred"] is None and cands:
-            diag["pred"] = cands[0]
-        if not cands:
-            return out(0, "no_answer")
-        if not golds:
-            return out(0, "no_gold")
-        if on and cfg.guard_empty and not any(c.strip() for c in cands):
-            return out(0, "empty")
-        limit = max(map(len, golds)) + cfg.max_answer_chars
-        if on and cfg.max_answer_chars >= 0:
-            cands = [c for c in cands if len(c) <= limit]
-            if not cands:
-                return out(0, "too_long")
-        if any(normalize_final_answer(c) == normalize_final_answer(g) for c in cands for g in golds):
-            return out(1, "minerva")
-        if any(math_equal(c, g, cfg) for c in cands for g in golds):
-            return out(1, "math_verify")
-        return out(0, "math_wrong")
-
-    if kind not in ("keychain", "qa", "ruler", "choice"):
-        raise ValueError(f"row {row.get('id')!r}: unknown kind {kind!r}")
+    if not isinstance(response, str):
+        return out(0, "no_answer")
+    public = cfg.qa_rule == "public" and kind in ("qa", "keychain")
+    pred, _, n_boxes = _final(response, kind, join=kind == "ruler")
+    diag["pred"] = pred
+    if finish == "length":
+        return out(0, "length")
+    if "</think>" not in response:
+        return out(0, "no_think")
     if pred is None:
         return out(0, "no_answer")
     if not golds:
         return out(0, "no_gold")
-    if on and cfg.guard_multi_box and n_boxes > 1:
+    if public:  # the authors' public code: normalized gold inside the normalized answer; "" is inside everything
+        p, gs = normalize_answer(pred), [g for g in map(normalize_answer, golds) if g]
+        if not p:
+            return out(0, "empty")
+        return out(float(any(g in p for g in gs)), "public") if gs else out(0, "no_gold")
+
+    if (n_boxes > 1 and kind != "ruler") or _BOX.search(pred):
         return out(0, "multi_box")
-
-    if kind == "choice":
-        want, got = _choice_letter(golds[0]), _choice_letter(pred)
-        return out(float(got is not None and got == want), "choice" if got else "choice_unparsed")
-
-    if on and cfg.guard_empty and not normalize_answer(pred):
+    if not (_norm(pred) if kind in ("qa", "keychain", "ruler") else re.search(r"[^\W_]", pred)):
         return out(0, "empty")
     ref_len = sum(len(g) + 2 for g in golds) if kind == "ruler" else max(map(len, golds))
-    if on and cfg.max_answer_chars >= 0 and len(pred) > ref_len + cfg.max_answer_chars:
+    if cfg.max_answer_chars >= 0 and len(pred) > ref_len + cfg.max_answer_chars:
         return out(0, "too_long")
-    if kind == "ruler":  # RULER needles: every value, case-insensitive substring (string_match_all == 100)
-        return out(float(all(g.lower() in pred.lower() for g in golds)), "ruler_all")
-
-    if on and cfg.guard_braces and ("{" in pred or "}" in pred):
-        return out(0, "braces")
-    if on and cfg.guard_yes_no:
-        words = set(normalize_answer(pred).split())
-        if {"yes", "no"} <= words and not any({"yes", "no"} <= set(normalize_answer(g).split()) for g in golds):
-            return out(0, "yes_no")
-    if not any(normalize_answer(g) for g in golds):
+    if kind == "choice":
+        want, got = _choice_letter(unwrap(golds[0])), _choice_letter(pred)
+        return out(float(got is not None and got == want), "choice" if got else "choice_unparsed")
+    if kind == "math":
+        return out(*_math(pred, golds, cfg))
+    if kind == "ruler":
+        return out(*_ruler(pred, golds))
+    if not any(_norm(g) for g in golds):
         return out(0, "no_gold")  # a gold that normalizes to "" ("The", "?") is inside everything
-    return out(_qa_reward(pred, golds, cfg, on and cfg.whole_words), cfg.qa_metric)
+    return out(*_qa(pred, golds, cfg))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -374,19 +540,23 @@ def _get_pool(workers: int, method: str) -> ProcessPoolExecutor:
         return _pool[1]
 
 
-def _score_chunk(rows: list[dict], responses: list[str], cfg: Config) -> list[tuple[float, dict]]:
-    return [score(r, t, cfg) for r, t in zip(rows, responses)]
+def _score_chunk(rows: list[dict], responses: list[str], cfg: Config,
+                 finish: list[str | None]) -> list[tuple[float, dict]]:
+    return [score(r, t, cfg, f) for r, t, f in zip(rows, responses, finish)]
 
 
-def score_batch(rows: list[dict], responses: list[str], cfg: Config | None = None,
-                workers: int | None = None) -> list[tuple[float, dict]]:
-    """score() over a batch, in order. Math rows (math-verify: milliseconds each) go to a process pool when
-    there are at least cfg.pool_min of them; everything else is microseconds and runs inline, because
-    shipping a response to another process costs more than scoring it (bench/bench_reward.py)."""
+def score_batch(rows: list[dict], responses: list[str], cfg: Config | None = None, workers: int | None = None,
+                finish: list[str | None] | None = None) -> list[tuple[float, dict]]:
+    """score() over a batch, in order; finish: one finish reason per response (or None). Math rows (math-verify:
+    milliseconds each) go to a process pool when there are at least cfg.pool_min of them; everything else is
+    microseconds and runs inline, because shipping a response to another process costs more than scoring it (bench/bench_reward.py)."""
     global _pool
     cfg = cfg or DEFAULT
     if len(rows) != len(responses):
         raise ValueError(f"score_batch: {len(rows)} rows but {len(responses)} responses")
+    finish = [None] * len(rows) if finish is None else list(finish)
+    if len(finish) != len(rows):
+        raise ValueError(f"score_batch: {len(rows)} rows but {len(finish)} finish reasons")
     workers = cfg.workers if workers is None else workers
     workers = workers or min(os.cpu_count() or 1, 8)
     out: list = [None] * len(rows)
@@ -399,20 +569,21 @@ def score_batch(rows: list[dict], responses: list[str], cfg: Config | None = Non
             for s in range(0, len(slow), size):
                 idx = slow[s : s + size]  # slim rows: the 16K-token prompt never crosses the process boundary
                 slim = [{"id": rows[i].get("id"), "kind": "math", "answers": _golds(rows[i])} for i in idx]
-                futures.append((idx, pool.submit(_score_chunk, slim, [responses[i] for i in idx], cfg)))
+                futures.append((idx, pool.submit(_score_chunk, slim, [responses[i] for i in idx], cfg,
+                                                    [finish[i] for i in idx])))
         except (BrokenProcessPool, RuntimeError, OSError) as e:
             logging.getLogger(__name__).warning("reward pool unavailable (%s); scoring inline", e)
             futures = []
     pending = {i for idx, _ in futures for i in idx}
     for i, (r, t) in enumerate(zip(rows, responses)):
         if i not in pending:
-            out[i] = score(r, t, cfg)
+            out[i] = score(r, t, cfg, finish[i])
     for idx, fut in futures:
         try:
             got = fut.result()
         except BrokenProcessPool:  # a worker died (OOM, signal): never lose a training step over it
             _pool = None
-            got = _score_chunk([rows[i] for i in idx], [responses[i] for i in idx], cfg)
+            got = _score_chunk([rows[i] for i in idx], [responses[i] for i in idx], cfg, [finish[i] for i in idx])
         for i, g in zip(idx, got):
             out[i] = g
     return out
@@ -425,6 +596,8 @@ def main(argv: list[str]) -> None:
         raise SystemExit("reward.py needs --rows=... and --responses=... (see --help)")
     if cfg.qa_metric not in QA_METRICS:
         raise SystemExit(f"--qa_metric must be one of {QA_METRICS}, got {cfg.qa_metric!r}")
+    if cfg.qa_rule not in QA_RULES:
+        raise SystemExit(f"--qa_rule must be one of {QA_RULES}, got {cfg.qa_rule!r}")
     try:
         by_id = {}
         for i, row in read_records(cfg.rows):
@@ -437,13 +610,13 @@ def main(argv: list[str]) -> None:
                 raise DataError(f"{cfg.responses}: record {i}: expected {{\"id\": ..., \"response\": \"...\"}}")
             if str(rec["id"]) not in by_id:
                 raise DataError(f"{cfg.responses}: record {i}: id {rec['id']!r} is not among the rows of {cfg.rows}")
-            pairs.append((by_id[str(rec["id"])], rec["response"]))
+            pairs.append((by_id[str(rec["id"])], rec["response"], rec.get("finish")))
     except (DataError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    results = score_batch([p[0] for p in pairs], [p[1] for p in pairs], cfg)
+    results = score_batch([p[0] for p in pairs], [p[1] for p in pairs], cfg, finish=[p[2] for p in pairs])
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     rules: Counter = Counter()
-    for (row, _), (r, d) in zip(pairs, results):
+    for (row, *_), (r, d) in zip(pairs, results):
         groups[(str(row.get("source", "")), str(row.get("kind", "")))].append(r)
         rules[d["rule"]] += 1
     print(f"{'source':<20} {'kind':<10} {'n':>7} {'reward':>8}")
@@ -453,7 +626,7 @@ def main(argv: list[str]) -> None:
     print(f"{'all':<20} {'':<10} {len(allr):>7} {sum(allr) / max(len(allr), 1):>8.4f}")
     print("rules: " + ", ".join(f"{k}={v}" for k, v in rules.most_common()))
     if cfg.out:
-        write_rows(cfg.out, ({"id": row.get("id"), "reward": r, **d} for (row, _), (r, d) in zip(pairs, results)))
+        write_rows(cfg.out, ({"id": row.get("id"), "reward": r, **d} for (row, *_), (r, d) in zip(pairs, results)))
 
 
 if __name__ == "__main__":
