@@ -6,10 +6,10 @@
 responses.jsonl holds {"id": <row id>, "response": <text>[, "finish": "stop" | "length"]} lines, several per id.
 
 One final answer is graded. The prompt prefills `<think>`, so a complete response holds `</think>`; the answer is the
-last \\boxed{...} / \\fbox{...} / `\\boxed x` after the last </think>; without a box: math's DAPO "Answer:" line, else
-the last "the answer is ...", else the whole text after </think>. Rewards by row kind: keychain, qa -> QA rule
-(qa_metric: sub_em | substring | em | f1 | hotpot_f1); ruler -> every gold value, nothing else; choice -> the
-letter; math -> Minerva normalization (DAPO), then math-verify.
+last \\boxed{...} / \\fbox{...} / `\\boxed x` after the last </think>; without a box: for math the DAPO "Answer:"
+line, for the others the last "the answer is ...", else the whole text after </think>. Rewards by row kind:
+keychain, qa -> QA rule (qa_metric: sub_em | substring | em | f1 | hotpot_f1); ruler -> every gold value, nothing
+else; choice -> the letter; math -> Minerva normalization (DAPO), then math-verify.
 
 Guards (qa_rule=guarded, the default). The policy optimizes whatever is paid, so each rule below closes a way to
 be paid without being right; each scores 0 and names itself in diag["rule"]:
@@ -159,6 +159,7 @@ def _final(text: str, kind: str | None, join: bool) -> tuple[str | None, str, in
     whole text when there is none. join: RULER reads all distinct boxes, the others the last one."""
     k = text.rfind("</think>")
     region = text[k + len("</think>") :] if k >= 0 else text
+    clean = str.strip if kind == "math" else unwrap  # math keeps its LaTeX: Minerva strips "\text{ cm}" itself
     found = boxes(region)
     if found:
         if found[-1] is None:  # cut mid-box: no answer
@@ -168,18 +169,19 @@ def _final(text: str, kind: str | None, join: bool) -> tuple[str | None, str, in
             if b is not None and _key(b):
                 seen.setdefault(_key(b), b)
         if not seen:
-            return unwrap(found[-1]), "box", 0
+            return clean(found[-1]), "box", 0
         last = next(b for b in reversed(found) if b is not None and _key(b))
-        return (", ".join(map(unwrap, seen.values())) if join else unwrap(last)), "box", len(seen)
-    if kind == "math" and (lines := _ANSWER_LINE.findall(region[-300:])):  # DAPO reads the tail only
-        return lines[-1].strip(), "answer_line", 0
+        return (", ".join(map(clean, seen.values())) if join else clean(last)), "box", len(seen)
+    if kind == "math":  # DAPO: the box, else the "Answer:" line of the tail; nothing else
+        lines = _ANSWER_LINE.findall(region[-300:])
+        return (lines[-1].strip(), "answer_line", 0) if lines else (None, "none", 0)
     said = None
     for said in _ANSWER_IS.finditer(region):  # the last one, to the end of its line
         pass
     if said:
-        return unwrap(region[said.end() :].split("\n")[0].strip().rstrip(".")), "answer_is", 0
+        return clean(region[said.end() :].split("\n")[0].strip().rstrip(".")), "answer_is", 0
     if k >= 0 and region.strip():
-        return unwrap(region), "after_think", 0
+        return clean(region), "after_think", 0
     return None, "none", 0
 
 
@@ -300,8 +302,8 @@ def math_equal(pred: str, gold: str, cfg: Config = DEFAULT) -> bool:
 
 
 # ----------------------------------------------------------------------------- QA: normalization and answer forms
-_STOP = frozenset("of and or in on at to for by with from as is are was were be been it its this that these those "
-                  "he she they his her their de da di du del la le von van".split())
+_STOP = frozenset("a an the of and or in on at to for by with from as is are was were be been it its this that "
+                  "these those he she they his her their de da di du del la le von van".split())
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
@@ -549,7 +551,8 @@ def score_batch(rows: list[dict], responses: list[str], cfg: Config | None = Non
                 finish: list[str | None] | None = None) -> list[tuple[float, dict]]:
     """score() over a batch, in order; finish: one finish reason per response (or None). Math rows (math-verify:
     milliseconds each) go to a process pool when there are at least cfg.pool_min of them; everything else is
-    microseconds and runs inline, because shipping a response to another process costs more than scoring it (bench/bench_reward.py)."""
+    microseconds and runs inline, because shipping a response to another process costs more than scoring it
+    (bench/bench_reward.py)."""
     global _pool
     cfg = cfg or DEFAULT
     if len(rows) != len(responses):
@@ -606,8 +609,10 @@ def main(argv: list[str]) -> None:
             by_id[str(row["id"])] = row
         pairs = []
         for i, rec in read_records(cfg.responses):
-            if not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("response"), str):
-                raise DataError(f"{cfg.responses}: record {i}: expected {{\"id\": ..., \"response\": \"...\"}}")
+            if (not isinstance(rec, dict) or "id" not in rec or not isinstance(rec.get("response"), str)
+                    or not isinstance(rec.get("finish", ""), str)):
+                raise DataError(f"{cfg.responses}: record {i}: expected "
+                                '{"id": ..., "response": "..."[, "finish": "stop" | "length"]}')
             if str(rec["id"]) not in by_id:
                 raise DataError(f"{cfg.responses}: record {i}: id {rec['id']!r} is not among the rows of {cfg.rows}")
             pairs.append((by_id[str(rec["id"])], rec["response"], rec.get("finish")))

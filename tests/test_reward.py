@@ -1,4 +1,5 @@
-"""reward.py: extraction, benchmark metrics pinned to hand-computed values, guards vs. hacks, batches, CLI."""
+"""reward.py: extraction, benchmark metrics pinned to hand-computed values, guards vs. hacks, right-answer variants,
+batches, CLI. Each hack test is named after the trick it blocks and checks the honest answer is still paid."""
 from __future__ import annotations
 
 import json
@@ -21,10 +22,30 @@ from reward import (  # noqa: E402
 )
 
 D = Config()
+T = "<think>Let me read the passages again.</think>\n"  # the prompt prefills <think>; a complete reply closes it
+PUBLIC = replace(D, qa_rule="public")
 
 
 def qa(*answers, kind="qa"):
     return {"id": "q", "source": "hotpotqa", "kind": kind, "answers": list(answers)}
+
+
+def ruler(*answers):
+    return {"id": "r", "source": "ruler", "kind": "ruler", "answers": list(answers)}
+
+
+def math_row(*answers):
+    return {"id": "m", "source": "math_dapo", "kind": "math", "answers": list(answers)}
+
+
+def choice(letter="C"):
+    return {"id": "c", "source": "mmlu", "kind": "choice", "answers": [letter]}
+
+
+def rr(row, response, cfg=D, finish=None):
+    """(reward, rule) of one response."""
+    r, d = score(row, response, cfg, finish)
+    return r, d["rule"]
 
 
 def in_thread(fn):
@@ -60,10 +81,15 @@ def in_thread(fn):
     ("blah. The answer is Barack Obama.\nok", "Barack Obama"),  # no box: "the answer is" fallback
     ("The final answer is: (C)", "(C)"),
     ("The answer is London. Wait, no: the answer is Paris.", "Paris"),  # the last one
-    ("\\boxed{\\text{New York}}", "New York"),  # formatting around the whole answer is unwrapped
+    ("\\boxed{\\text{New York}}", "New York"),  # formatting is unwrapped
     ("\\boxed{\\textbf{\\text{Oslo}}}", "Oslo"),
+    ("\\boxed{\\text{New York}, \\textsc{USA}}", "New York, USA"),  # ... wherever it is
+    ("\\boxed{{\\bf Oslo}\\ city}", "Oslo city"),
+    ("in \\boxed{} form: \\boxed{Paris}", "Paris"),
+    ("\\boxed{Paris} and that is \\boxed{}", "Paris"),  # the last NON-EMPTY box
     ("\\boxed{}", ""),
     ("\\boxed{Paris", None),  # truncated mid-box
+    ("\\boxed{Paris} then \\boxed{Lon", None),  # the last box is cut
     ("<think>still thinking about \\boxed", None),
     ("no answer here", None),
     ("<think>no close, no box", None),
@@ -74,18 +100,23 @@ def test_extract_answer(text, want):
     assert extract_answer(text) == want
 
 
+def test_boxes_are_top_level_only():
+    assert reward.boxes("\\boxed{London \\boxed{Paris}} x \\fbox{Rome} \\boxedX \\boxed{Cut") == \
+        ["London \\boxed{Paris}", "Rome", None]
+
+
 def test_extract_never_crashes_on_any_string():
     rng = random.Random(0)
     atoms = ["\\boxed", "\\fbox", "{", "}", "\\{", "\\}", "\\", "$", "</think>", "<think>", " ", "\n", "a", "The answer is",
-             "Answer:", "é", "\x00", "😀", "yes", "no", "(C)"]
-    rows = [qa("Paris"), qa("1", "2", kind="ruler"), {"kind": "choice", "answers": ["C"]},
-            {"kind": "math", "answers": ["\\frac{1}{2}"]}]
+             "Answer:", "é", "\x00", "😀", "yes", "no", "(C)", ",", " or ", "\\text{", "=", "1234567", "’s"]
+    rows = [qa("Paris"), ruler("1", "2"), choice("C"), math_row("\\frac{1}{2}")]
     for _ in range(3000):
         s = "".join(rng.choices(atoms, k=rng.randint(0, 12)))
         got = extract_answer(s)
         assert got is None or isinstance(got, str)
-        r, d = score(rows[_ % 4], s)
-        assert r in (0.0, 1.0) and isinstance(d["rule"], str) and d["rule"]
+        for cfg in (D, PUBLIC):
+            r, d = score(rows[_ % 4], s, cfg)
+            assert r in (0.0, 1.0) and isinstance(d["rule"], str) and d["rule"]
     for bad in (None, 17, b"\\boxed{x}"):
         assert extract_answer(bad) is None
         assert score(qa("Paris"), bad) == (0.0, {"pred": None, "rule": "no_answer"})
@@ -155,97 +186,432 @@ def test_ruler_string_match():
 # ----------------------------------------------------------------------------- QA rewards
 def test_qa_metrics_differ_as_defined():
     row = qa("Paris, France")
-    assert score(row, "\\boxed{Paris}", replace(D, qa_metric="substring"))[0] == 0.0  # gold not inside pred
-    assert score(row, "\\boxed{Paris}") == (1.0, {"pred": "Paris", "rule": "sub_em"})  # pred inside gold
-    assert score(row, "\\boxed{paris france}", replace(D, qa_metric="em"))[0] == 1.0
-    assert score(row, "\\boxed{Paris}", replace(D, qa_metric="em"))[0] == 0.0
-    assert score(qa("a cat on a mat"), "\\boxed{The cat sat on the mat}", replace(D, qa_metric="f1"))[0] == \
+    assert rr(row, T + "\\boxed{Paris}", replace(D, qa_metric="substring")) == (0.0, "substring")  # gold not inside
+    assert score(row, T + "\\boxed{Paris}") == (1.0, {"pred": "Paris", "rule": "sub_em"})  # pred inside gold
+    assert rr(row, T + "\\boxed{paris france}", replace(D, qa_metric="em")) == (1.0, "em")
+    assert rr(row, T + "\\boxed{Paris}", replace(D, qa_metric="em")) == (0.0, "em")
+    assert score(qa("a cat on a mat"), T + "\\boxed{The cat sat on the mat}", replace(D, qa_metric="f1"))[0] == \
         pytest.approx(6 / 7)
-    assert score(qa("yes it is"), "\\boxed{yes}", replace(D, qa_metric="hotpot_f1"))[0] == 0.0
+    assert rr(qa("yes it is"), T + "\\boxed{yes}", replace(D, qa_metric="hotpot_f1")) == (0.0, "hotpot_f1")
     assert score(qa("Paris"), "<think>hmm</think>\n\\boxed{\\text{Paris}}") == (1.0, {"pred": "Paris", "rule": "sub_em"})
-    assert score(qa("Paris"), "<think>x</think> Paris")[0] == 1.0  # answer after </think> only
-    assert score(qa("Paris", kind="keychain"), "\\boxed{The city of Paris}")[0] == 1.0
-    assert score(qa("Paris"), "\\boxed{London}") == (0.0, {"pred": "London", "rule": "sub_em"})
+    assert rr(qa("Paris"), "<think>x</think> Paris") == (1.0, "sub_em")  # answer after </think> only
+    assert rr(qa("Paris", kind="keychain"), T + "\\boxed{The city of Paris}") == (1.0, "sub_em")
+    assert score(qa("Paris"), T + "\\boxed{London}") == (0.0, {"pred": "London", "rule": "sub_em"})
     with pytest.raises(ValueError):
-        score(qa("Paris"), "\\boxed{Paris}", replace(D, qa_metric="bleu"))
+        score(qa("Paris"), T + "\\boxed{Paris}", replace(D, qa_metric="bleu"))
+    with pytest.raises(ValueError):
+        score(qa("Paris"), T + "\\boxed{Paris}", replace(D, qa_rule="lenient"))
+    with pytest.raises(ValueError):
+        score({"kind": "essay", "answers": ["x"]}, T + "\\boxed{x}")
 
 
 def test_empty_golds():
-    assert score(qa(), "\\boxed{Paris}") == (0.0, {"pred": "Paris", "rule": "no_gold"})
-    # a gold that normalizes to "" is inside every string: never a free reward
-    assert score(qa("The"), "\\boxed{Paris}", replace(D, guards=False)) == (0.0, {"pred": "Paris", "rule": "no_gold"})
-    assert score({"kind": "ruler", "answers": []}, "\\boxed{1}")[1]["rule"] == "no_gold"
-    assert score({"kind": "math", "answers": []}, "\\boxed{1}")[1]["rule"] == "no_gold"
-    assert score({"kind": "qa"}, "\\boxed{x}")[1]["rule"] == "no_gold"  # no answers field at all
+    assert score(qa(), T + "\\boxed{Paris}") == (0.0, {"pred": "Paris", "rule": "no_gold"})
+    # a gold that normalizes to "" is inside every string: never a free reward, in either rule
+    assert rr(qa("The"), T + "\\boxed{Paris}") == (0.0, "no_gold")
+    assert rr(qa("The"), T + "\\boxed{Paris}", PUBLIC) == (0.0, "no_gold")
+    assert rr(ruler(), T + "\\boxed{1}") == (0.0, "no_gold")
+    assert rr(math_row(), T + "\\boxed{1}") == (0.0, "no_gold")
+    assert rr({"kind": "qa"}, T + "\\boxed{x}") == (0.0, "no_gold")  # no answers field at all
 
 
 def test_answers_may_be_a_bare_string():
-    assert score({"kind": "qa", "answers": "Paris"}, "\\boxed{Paris}")[0] == 1.0
+    assert score({"kind": "qa", "answers": "Paris"}, T + "\\boxed{Paris}")[0] == 1.0
 
 
-# Each guard: the hack is rewarded with that guard off, and that guard alone turns it into 0. `also` lists
-# other guards that catch the same hack and are switched off on both sides, so the guard under test is alone.
-@pytest.mark.parametrize("flag,also,row,response,metric,rule", [
-    ("guard_empty", ["whole_words"], qa("Paris"), "\\boxed{}", "sub_em", "empty"),  # "" is inside every gold
-    ("guard_empty", ["whole_words"], qa("Paris"), "\\boxed{ the . }", "sub_em", "empty"),  # normalizes to ""
-    ("guard_multi_box", [], qa("Paris"), "\\boxed{London} or \\boxed{Paris}", "sub_em", "multi_box"),
-    ("guard_multi_box", ["guard_braces"], qa("Paris"), "\\boxed{London \\boxed{Paris}}", "sub_em", "multi_box"),
-    ("guard_braces", [], qa("Paris"), "\\boxed{{London}, {Paris}}", "sub_em", "braces"),
-    ("guard_yes_no", [], qa("Paris"), "\\boxed{yes no Paris London}", "substring", "yes_no"),
-    ("guard_yes_no", [], qa("yes"), "\\boxed{yes no Paris London}", "substring", "yes_no"),
-    ("whole_words", [], qa("Paris, France"), "\\boxed{e}", "sub_em", "sub_em"),  # one letter inside the gold
-    ("whole_words", [], qa("Art"), "\\boxed{Cartoon Network}", "substring", "substring"),
-])
-def test_guard_rejects_hack(flag, also, row, response, metric, rule):
-    cfg = replace(D, qa_metric=metric, **{f: False for f in also})
-    assert score(row, response, replace(cfg, **{flag: False}))[0] == 1.0, "the unguarded rule must reward the hack"
-    assert score(row, response, replace(D, qa_metric=metric, guards=False))[0] == 1.0  # the literal public rule
-    r, d = score(row, response, cfg)
-    assert (r, d["rule"]) == (0.0, rule)
-    assert score(row, response, replace(D, qa_metric=metric))[0] == 0.0  # and with every guard on
+# ----------------------------------------------------------------------------- hacks from issue 11: each pays 0
+def test_blocks_two_answers_box_and_answer_line():
+    # math grades the box when there is one, never the "Answer:" line as a second chance
+    hack = T + "Answer: 7\n\\boxed{5}"
+    assert rr(math_row("7"), hack) == (0.0, "math_wrong")
+    assert rr(math_row("5"), hack) == (1.0, "minerva")  # the one graded answer is the box
+    assert rr(math_row("7"), T + "Answer: 7") == (1.0, "minerva")  # the line alone is still read (DAPO)
 
 
-def test_too_long_guard_enumerating_candidates():
+def test_blocks_two_answers_box_and_answer_phrase():
+    hack = T + "So \\boxed{5}. Hmm, the answer: 7"
+    assert rr(math_row("7"), hack) == (0.0, "math_wrong")
+    assert rr(math_row("5"), hack) == (1.0, "minerva")
+
+
+def test_blocks_equation_right_side():
+    assert rr(math_row("5"), T + "\\boxed{7=5}") == (0.0, "equation")  # Minerva kept "5", math-verify Eq(7, 5)
+    assert rr(math_row("5"), T + "\\boxed{x = 5}") == (1.0, "minerva")  # one "var = value" is a value
+
+
+def test_blocks_two_solutions_in_one_box():
+    assert rr(math_row("5"), T + "\\boxed{x = 3 \\text{ or } x = 5}") == (0.0, "alternatives")
+    assert rr(math_row("5"), T + "\\boxed{x=3, x=5}") == (0.0, "equation")
+
+
+def test_blocks_stop_word_inside_gold():
+    assert rr(qa("Bank of America"), T + "\\boxed{of}") == (0.0, "fragment")
+    assert rr(qa("Bank of America"), T + "\\boxed{Bank of America}") == (1.0, "sub_em")
+
+
+def test_blocks_conjunction_word_inside_gold():
+    assert rr(qa("Simon and Garfunkel"), T + "\\boxed{and}") == (0.0, "fragment")
+    assert rr(qa("Simon and Garfunkel"), T + "\\boxed{Simon and Garfunkel}") == (1.0, "sub_em")
+
+
+def test_blocks_lone_number_inside_gold():
+    assert rr(qa("1 December 2010"), T + "\\boxed{1}") == (0.0, "fragment")
+    assert rr(qa("1 December 2010"), T + "\\boxed{2010}") == (0.0, "fragment")  # 1 of 3 content words
+    assert rr(qa("1 December 2010"), T + "\\boxed{December 2010}") == (1.0, "sub_em")  # 2 of 3: a substantial part
+
+
+def test_blocks_first_name_fragment():
+    assert rr(qa("John Fitzgerald Kennedy"), T + "\\boxed{John}") == (0.0, "fragment")
+    assert rr(qa("John Fitzgerald Kennedy"), T + "\\boxed{Fitzgerald Kennedy}") == (1.0, "sub_em")
+
+
+def test_blocks_comma_list():
+    hack = T + "\\boxed{Paris, London, Berlin, Rome}"
+    for gold in ("Paris", "Rome"):
+        assert rr(qa(gold), hack) == (0.0, "list")
+    assert rr(qa("Paris, London, Berlin"), T + "\\boxed{Paris, London, Berlin}") == (1.0, "sub_em")  # gold is a list
+
+
+def test_blocks_or_alternatives():
+    for gold in ("Paris", "London"):
+        assert rr(qa(gold), T + "\\boxed{Paris or London}") == (0.0, "alternatives")
+    assert rr(qa("War or Peace"), T + "\\boxed{War or Peace}") == (1.0, "sub_em")  # the gold's own "or"
+
+
+def test_blocks_negation():
+    assert rr(qa("Paris"), T + "\\boxed{not Paris}") == (0.0, "negation")
+    assert rr(qa("Paris"), T + "\\boxed{Paris, not London}") == (0.0, "negation")
+    assert rr(qa("No Country for Old Men"), T + "\\boxed{No Country for Old Men}") == (1.0, "sub_em")
+
+
+def test_blocks_or_alternatives_in_answer_phrase():
+    assert rr(qa("London"), T + "The answer is Paris or London.") == (0.0, "alternatives")
+    assert rr(qa("London"), T + "The answer is London.") == (1.0, "sub_em")
+
+
+def test_blocks_bare_list_after_think():
+    assert rr(qa("Rome"), T + "Paris\nLondon\nBerlin\nRome") == (0.0, "list")
+    assert rr(qa("Rome"), T + "Paris London Berlin Rome Madrid") == (0.0, "extra_words")
+    assert rr(qa("Rome"), T + "Rome") == (1.0, "sub_em")
+
+
+def test_blocks_response_without_think_close():
+    cut = "<think>maybe \\boxed{Paris} hmm... Lond"
+    assert score(qa("Paris"), cut) == (0.0, {"pred": "Paris", "rule": "no_think"})
+    assert rr(qa("Paris"), "\\boxed{Paris}") == (0.0, "no_think")  # no reasoning block closed: drafts only
+
+
+def test_blocks_math_without_think_close():
+    assert rr(math_row("5"), "<think>so x is \\boxed{5} unless Answer: 5 is wrong, let me") == (0.0, "no_think")
+    assert rr(math_row("5"), "<think>so x is 5</think>\\boxed{5}") == (1.0, "minerva")
+
+
+def test_blocks_two_choice_letters():
+    assert rr(choice("A"), T + "\\boxed{A) or B)}") == (0.0, "choice_unparsed")
+    assert rr(choice("B"), T + "\\boxed{A) or B)}") == (0.0, "choice_unparsed")
+    assert rr(choice("A"), T + "\\boxed{A)}") == (1.0, "choice")
+
+
+def test_blocks_ruler_distractor_values():
+    row = ruler("1234567", "7654321")
+    assert rr(row, T + "\\boxed{1234567, 7654321, 5550123, 8881234}") == (0.0, "extra_values")
+    assert rr(row, T + "\\boxed{1234567, 7654321}") == (1.0, "ruler_all")
+
+
+def test_blocks_ruler_glued_values():
+    row = ruler("1234567", "7654321")
+    assert rr(row, T + "\\boxed{12345677654321}") == (0.0, "ruler_all")
+    assert rr(row, T + "\\boxed{12345677654321}", PUBLIC)[0] == 0.0  # the QA rule does not change RULER
+
+
+def test_blocks_empty_answer_in_public_rule():
+    for empty in ("\\boxed{}", "\\boxed{the}", "\\boxed{...}"):
+        assert rr(qa("Paris"), T + empty, PUBLIC) == (0.0, "empty")  # "" is inside every gold
+        assert rr(qa("Paris"), T + empty) == (0.0, "empty")
+    assert rr(qa("Paris"), T + "\\boxed{The city of Paris}", PUBLIC) == (1.0, "public")
+
+
+def test_public_rule_is_one_way_and_unguarded():
+    assert rr(qa("Paris, France"), T + "\\boxed{Paris}", PUBLIC) == (0.0, "public")  # answer inside gold: no
+    assert rr(qa("Paris"), T + "\\boxed{Paris or London}", PUBLIC) == (1.0, "public")  # no guards at all
+    assert rr(qa("Paris"), T + "\\boxed{London} \\boxed{Paris}", PUBLIC) == (1.0, "public")  # the last box
+    assert rr(qa("Art"), T + "\\boxed{Cartoon}", PUBLIC) == (1.0, "public")  # character substring, as published
+    assert rr(qa("Paris"), "\\boxed{Paris}", PUBLIC) == (0.0, "no_think")  # extraction rules stay
+
+
+def test_blocks_cut_at_length_limit():
+    done = T + "\\boxed{Paris} and then the model kept going without an end of"
+    assert rr(qa("Paris"), done) == (1.0, "sub_em")
+    assert score(qa("Paris"), done, finish="length") == (0.0, {"pred": "Paris", "rule": "length"})
+    assert rr(math_row("5"), T + "\\boxed{5}", finish="length") == (0.0, "length")
+    assert rr(qa("Paris"), done, finish="stop") == (1.0, "sub_em")
+
+
+# ----------------------------------------------------------------------------- right answers from issue 11: each pays 1
+def test_accepts_text_wrapper_with_period():
+    assert rr(qa("Paris"), T + "\\boxed{\\text{Paris}.}") == (1.0, "sub_em")
+
+
+def test_accepts_city_with_country_qualifier():
+    assert rr(qa("New York"), T + "\\boxed{\\text{New York}, \\text{USA}}") == (1.0, "sub_em")
+
+
+def test_accepts_textsc_wrapper():
+    assert rr(qa("Paris"), T + "\\boxed{\\textsc{Paris}}") == (1.0, "sub_em")
+
+
+def test_accepts_text_wrapper_with_parenthetical():
+    assert rr(qa("Paris"), T + "\\boxed{\\text{Paris} (France)}") == (1.0, "sub_em")
+
+
+def test_accepts_same_box_written_twice():
+    assert rr(qa("Paris"), T + "\\boxed{Paris}. To repeat: \\boxed{Paris}") == (1.0, "sub_em")
+    assert rr(qa("Paris"), T + "\\boxed{Paris} \\boxed{\\text{paris}.}") == (1.0, "sub_em")  # same answer, other dress
+    assert rr(math_row("5"), T + "\\boxed{5} so \\boxed{5}") == (1.0, "minerva")
+
+
+def test_accepts_empty_box_in_format_talk():
+    assert rr(qa("Paris"), T + "I will answer in \\boxed{} form: \\boxed{Paris}") == (1.0, "sub_em")
+
+
+def test_accepts_ruler_values_over_two_boxes():
+    row = ruler("1234567", "7654321")
+    assert rr(row, T + "\\boxed{1234567} and \\boxed{7654321}") == (1.0, "ruler_all")
+    assert rr(row, T + "\\boxed{1234567} and \\boxed{1234567}") == (0.0, "ruler_all")  # every gold, still
+
+
+def test_accepts_option_word_before_letter():
+    assert rr(choice("C"), T + "\\boxed{Option C}") == (1.0, "choice")
+    assert rr(choice("C"), T + "\\boxed{option (C)}") == (1.0, "choice")
+
+
+def test_accepts_digit_for_number_word():
+    assert rr(qa("three"), T + "\\boxed{3}") == (1.0, "sub_em")
+    assert rr(qa("3"), T + "\\boxed{three}") == (1.0, "sub_em")
+    assert rr(qa("Twenty"), T + "\\boxed{20}") == (1.0, "sub_em")
+
+
+def test_accepts_missing_accents():
+    assert rr(qa("São Paulo"), T + "\\boxed{Sao Paulo}") == (1.0, "sub_em")
+    assert rr(qa("Sao Paulo"), T + "\\boxed{São Paulo}") == (1.0, "sub_em")
+
+
+def test_accepts_hyphens_for_spaces():
+    assert rr(qa("rock and roll"), T + "\\boxed{rock-and-roll}") == (1.0, "sub_em")
+    assert rr(qa("rock-and-roll"), T + "\\boxed{Rock and roll}") == (1.0, "sub_em")
+
+
+def test_accepts_curly_apostrophes():
+    assert rr(qa("O'Neill"), T + "\\boxed{O’Neill}") == (1.0, "sub_em")
+    assert rr(qa("“Hey Jude”"), T + "\\boxed{\"Hey Jude\"}") == (1.0, "sub_em")
+
+
+def test_accepts_possessive():
+    assert rr(qa("Sony"), T + "\\boxed{Sony's}") == (1.0, "sub_em")
+    assert rr(qa("Sony"), T + "\\boxed{Sony’s}") == (1.0, "sub_em")
+
+
+def test_accepts_en_dash_range_for_year():
+    assert rr(qa("1998"), T + "\\boxed{1998–99}") == (1.0, "sub_em")
+
+
+# ----------------------------------------------------------------------------- more hacks: each pays 0
+def test_blocks_slash_alternatives():
+    assert rr(qa("Paris"), T + "\\boxed{Paris/London}") == (0.0, "alternatives")
+    assert rr(qa("Paris"), T + "\\boxed{Paris and/or London}") == (0.0, "alternatives")
+    assert rr(qa("AC/DC"), T + "\\boxed{AC/DC}") == (1.0, "sub_em")  # the gold's own slash
+
+
+def test_blocks_either_or():
+    assert rr(qa("Paris"), T + "\\boxed{either Paris or London}") == (0.0, "alternatives")
+    assert rr(qa("Paris"), T + "\\boxed{Paris vs London}") == (0.0, "alternatives")
+
+
+def test_blocks_and_joined_candidates():
+    assert rr(qa("Paris"), T + "\\boxed{Paris and London}") == (0.0, "conjunction")
+    assert rr(qa("Paris"), T + "\\boxed{Paris & London}") == (0.0, "conjunction")
+
+
+def test_blocks_neither_nor():
+    assert rr(qa("Paris"), T + "\\boxed{neither London nor Paris}") == (0.0, "negation")
+
+
+def test_blocks_yes_and_no():
+    assert rr(qa("yes"), T + "\\boxed{yes no}") == (0.0, "yes_no")
+    assert rr(qa("no"), T + "\\boxed{Yes or no}") == (0.0, "yes_no")
+    assert rr(qa("yes and no"), T + "\\boxed{Yes and no}") == (1.0, "sub_em")  # the gold has both
+
+
+def test_blocks_semicolon_and_line_lists():
+    assert rr(qa("Rome"), T + "\\boxed{Paris; London; Rome}") == (0.0, "list")
+    assert rr(qa("Rome"), T + "The answer is Paris; London; Rome") == (0.0, "list")
+
+
+def test_blocks_gold_hidden_after_comma():
+    # one comma: the head is the answer, so a second candidate after it never pays
+    assert rr(qa("London"), T + "\\boxed{Paris, London}") == (0.0, "sub_em")
+    assert rr(qa("Paris"), T + "\\boxed{Paris, London}") == (1.0, "sub_em")  # no better than "Paris" alone
+
+
+def test_blocks_gold_hidden_in_parenthetical():
+    assert rr(qa("Paris"), T + "\\boxed{London (Paris)}") == (0.0, "sub_em")
+    assert rr(qa("Paris"), T + "\\boxed{London [or Paris]}") == (0.0, "alternatives")
+
+
+def test_blocks_box_inside_box():
+    assert rr(qa("Paris"), T + "\\boxed{London \\boxed{Paris}}") == (0.0, "multi_box")
+
+
+def test_blocks_two_different_boxes():
+    assert score(qa("Paris"), T + "\\boxed{London} or \\boxed{Paris}") == \
+        (0.0, {"pred": "Paris", "rule": "multi_box"})
+    assert rr(math_row("5"), T + "\\boxed{3} or \\boxed{5}") == (0.0, "multi_box")
+    assert rr(choice("C"), T + "\\boxed{B} \\boxed{C}") == (0.0, "multi_box")
+
+
+def test_blocks_braces_sets():
+    assert rr(qa("Paris"), T + "\\boxed{{London}, {Paris}}") == (0.0, "braces")
+    assert rr(qa("Paris"), T + "\\boxed{\\{Paris\\}}") == (0.0, "braces")
+
+
+def test_blocks_long_enumeration():
     cities = ["London", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Lisbon", "Prague", "Dublin", "Athens",
               "Warsaw", "Brussels", "Helsinki", "Budapest", "Bern", "Sofia", "Riga", "Tallinn", "Paris"]
-    hack = "\\boxed{" + ", ".join(cities) + "}"  # 156 characters of candidates
-    assert score(qa("Paris"), hack, replace(D, max_answer_chars=-1))[0] == 1.0
-    assert score(qa("Paris"), hack) == (0.0, {"pred": ", ".join(cities), "rule": "too_long"})
-    # the slack is over the LONGEST gold: 5 + 128 = 133 characters pass, 134 do not
-    ok, long = "Paris" + "x" * 0 + " " + "y" * 127, "Paris" + " " + "y" * 128
+    hack = " ".join(cities + ["Bucharest"])  # Paris is in it, but so is every other capital
+    assert len(hack) == 139 and rr(qa("Paris"), T + "\\boxed{" + hack + "}") == (0.0, "too_long")  # > 5 + 128
+    # the slack is over the LONGEST gold: 5 + 128 = 133 characters pass the length rule, 134 do not
+    ok, long = "Paris " + "y" * 127, "Paris " + "y" * 128
     assert (len(ok), len(long)) == (133, 134)
-    assert score(qa("Paris"), f"\\boxed{{{ok}}}", replace(D, qa_metric="substring"))[0] == 1.0
-    assert score(qa("Paris"), f"\\boxed{{{long}}}", replace(D, qa_metric="substring"))[1]["rule"] == "too_long"
-    assert score(qa("Paris", "Paris" + "z" * 10), f"\\boxed{{{long}}}", replace(D, qa_metric="substring"))[0] == 1.0
+    assert rr(qa("Paris"), T + f"\\boxed{{{ok}}}") == (1.0, "sub_em")
+    assert rr(qa("Paris"), T + f"\\boxed{{{long}}}") == (0.0, "too_long")
+    assert rr(qa("Paris", "Paris" + "z" * 10), T + f"\\boxed{{{long}}}") == (1.0, "sub_em")
 
 
-def test_guards_leave_honest_answers_alone():
-    assert score(qa("yes and no"), "\\boxed{Yes and no}")[0] == 1.0  # the gold itself has both
-    assert score(qa("no"), "\\boxed{No.}")[0] == 1.0
-    assert score(qa("Paris"), "<think>\\boxed{London}? no</think>\\boxed{Paris}")[0] == 1.0  # one box after </think>
-    assert score(qa("A Tale of Two Cities"), "\\boxed{\\textit{A Tale of Two Cities}}")[0] == 1.0
+def test_blocks_single_letter_inside_gold():
+    assert rr(qa("Paris, France"), T + "\\boxed{e}") == (0.0, "sub_em")  # whole words only
+    assert rr(qa("Art"), T + "\\boxed{Cartoon Network}") == (0.0, "sub_em")
 
 
-# ----------------------------------------------------------------------------- ruler, choice
-def test_ruler_every_gold_in_the_box():
-    row = {"kind": "ruler", "answers": ["1234567", "7654321"]}
-    assert score(row, "\\boxed{7654321, 1234567}") == (1.0, {"pred": "7654321, 1234567", "rule": "ruler_all"})
-    assert score(row, "\\boxed{1234567}")[0] == 0.0  # one of two: string_match_all 50, reward 0
-    assert score(row, "1234567 7654321 \\boxed{1234567}")[0] == 0.0  # outside the box does not count
-    spray = "\\boxed{" + " ".join(str(n) for n in range(1234550, 1234570)) + " 7654321}"
-    assert score(row, spray, replace(D, guards=False))[0] == 1.0
-    assert score(row, spray)[1]["rule"] == "too_long"  # 164 characters > 2 x (7 + 2) + 128
+def test_blocks_surname_of_long_name():
+    assert rr(qa("John Fitzgerald Kennedy"), T + "\\boxed{Kennedy}") == (0.0, "fragment")
+    assert rr(qa("Barack Obama"), T + "\\boxed{Obama}") == (1.0, "sub_em")  # half of two words is substantial
 
 
-@pytest.mark.parametrize("response,want", [
-    ("\\boxed{(C)}", 1.0), ("\\boxed{C}", 1.0), ("\\boxed{C) 12 km}", 1.0), ("\\boxed{C. 12}", 1.0),
-    ("\\boxed{c}", 1.0), ("\\boxed{\\text{(C)}}", 1.0), ("The answer is (C).", 1.0),
-    ("\\boxed{B}", 0.0), ("\\boxed{(B) 12 km}", 0.0), ("\\boxed{CD}", 0.0), ("\\boxed{A cat}", 0.0),
-    ("\\boxed{B} \\boxed{C}", 0.0),  # two boxes
-])
-def test_choice_letter(response, want):
-    assert score({"kind": "choice", "answers": ["C"]}, response)[0] == want
-    assert score({"kind": "choice", "answers": ["(C)"]}, response)[0] == want
+def test_blocks_lone_number_from_a_title():
+    assert rr(qa("Apollo 11"), T + "\\boxed{11}") == (0.0, "fragment")
+    assert rr(qa("Apollo 11"), T + "\\boxed{Apollo 11}") == (1.0, "sub_em")
+
+
+def test_blocks_answer_only_inside_think():
+    assert rr(qa("Paris"), "<think>\\boxed{Paris}</think> I am unsure.") == (0.0, "sub_em")
+    assert rr(math_row("5"), "<think>Answer: 5</think>") == (0.0, "no_answer")
+
+
+def test_blocks_box_cut_after_think():
+    assert rr(qa("Paris"), T + "\\boxed{Par") == (0.0, "no_answer")
+
+
+def test_blocks_math_logical_or():
+    assert rr(math_row("5"), T + "\\boxed{3 \\lor 5}") == (0.0, "alternatives")  # math-verify reads it as 5
+    assert rr(math_row("5"), T + "\\boxed{3 \\vee 5}") == (0.0, "alternatives")
+    assert rr(math_row("5"), T + "\\boxed{3 \\text{ or } 5}") == (0.0, "alternatives")
+
+
+def test_blocks_ruler_values_over_many_boxes():
+    row = ruler("1234567", "7654321")
+    assert rr(row, T + "\\boxed{1234567} \\boxed{7654321} \\boxed{5550123}") == (0.0, "extra_values")
+    assert rr(ruler("1234567"), T + "\\boxed{1234567 7654321}") == (0.0, "extra_values")  # multi-key distractor
+
+
+def test_blocks_ruler_missing_value():
+    assert rr(ruler("1234567", "7654321"), T + "\\boxed{1234567}") == (0.0, "ruler_all")
+    assert rr(ruler("1234567", "7654321"), T + "1234567 7654321 \\boxed{1234567}") == (0.0, "ruler_all")
+
+
+def test_blocks_choice_letter_lists():
+    for hack in ("\\boxed{A or C}", "\\boxed{A/C}", "\\boxed{AC}", "\\boxed{(A) (C)}", "\\boxed{C) or (A)}"):
+        assert rr(choice("C"), T + hack)[0] == 0.0, hack
+    assert rr(choice("C"), T + "\\boxed{A cat}") == (0.0, "choice_unparsed")  # a word, not a letter
+
+
+def test_blocks_hedge_words_in_reasoning_do_not_count():
+    # hedging inside <think> is thinking; only the final answer is graded (both ways)
+    assert rr(qa("Paris"), "<think>Paris or London? Not London.</think>\\boxed{Paris}") == (1.0, "sub_em")
+
+
+# ----------------------------------------------------------------------------- more right answers: each pays 1
+def test_accepts_part_of_a_two_part_gold():
+    assert rr(qa("Paris, France"), T + "\\boxed{Paris}") == (1.0, "sub_em")
+    assert rr(qa("Springfield, Illinois"), T + "\\boxed{Springfield, Illinois}") == (1.0, "sub_em")
+
+
+def test_accepts_short_sentence_after_think():
+    assert rr(qa("Paris"), T + "The capital of France is Paris.") == (1.0, "sub_em")
+
+
+def test_accepts_thousands_separator():
+    assert rr(qa("1000"), T + "\\boxed{1,000}") == (1.0, "sub_em")
+    assert rr(qa("12,500 people"), T + "\\boxed{12500 people}") == (1.0, "sub_em")
+
+
+def test_accepts_ampersand_for_and():
+    assert rr(qa("Simon and Garfunkel"), T + "\\boxed{Simon \\& Garfunkel}") == (1.0, "sub_em")
+    assert rr(qa("Simon & Garfunkel"), T + "\\boxed{Simon and Garfunkel}") == (1.0, "sub_em")
+
+
+def test_accepts_bold_and_math_wrappers():
+    assert rr(qa("Paris"), T + "\\boxed{\\textbf{Paris}}") == (1.0, "sub_em")
+    assert rr(qa("Paris"), T + "\\boxed{{\\bf Paris}}") == (1.0, "sub_em")
+    assert rr(qa("Paris"), T + "\\boxed{$\\mathrm{Paris}$}") == (1.0, "sub_em")
+    assert rr(qa("New York City"), T + "\\boxed{\\text{New}\\ \\text{York City}}") == (1.0, "sub_em")
+
+
+def test_accepts_quoted_answer():
+    assert rr(qa("Hey Jude"), T + "\\boxed{“Hey Jude”.}") == (1.0, "sub_em")
+
+
+def test_accepts_apostrophe_dropped():
+    assert rr(qa("McDonald's"), T + "\\boxed{McDonalds}") == (1.0, "sub_em")
+    assert rr(qa("McDonalds"), T + "\\boxed{McDonald's}") == (1.0, "sub_em")
+
+
+def test_accepts_fullwidth_letters():
+    assert rr(qa("Paris"), T + "\\boxed{Ｐａｒｉｓ}") == (1.0, "sub_em")  # NFKD folds compatibility forms
+
+
+def test_accepts_accents_in_gold_only_with_em():
+    assert rr(qa("Zürich"), T + "\\boxed{Zurich}", replace(D, qa_metric="em")) == (1.0, "em")
+
+
+def test_accepts_choice_letter_forms():
+    for form in ("C", "(C)", "C)", "C.", "c", "C) 12 km", "C. 12", "\\text{(C)}", "Option: C", "(C) salt and pepper"):
+        assert rr(choice("C"), T + f"\\boxed{{{form}}}") == (1.0, "choice"), form
+        assert rr(choice("(C)"), T + f"\\boxed{{{form}}}") == (1.0, "choice"), form
+    assert rr(choice("C"), T + "The answer is (C).") == (1.0, "choice")
+    assert rr(choice("C"), T + "\\boxed{(B) 12 km}") == (0.0, "choice")
+
+
+def test_accepts_math_function_definition():
+    assert rr(math_row("2x+1"), T + "\\boxed{f(x) = 2x+1}") == (1.0, "minerva")
+    assert rr(math_row("7"), T + "\\boxed{a_1 = 7}") == (1.0, "minerva")
+
+
+def test_accepts_math_gold_that_is_an_equation():
+    assert rr(math_row("y = 2x + 3"), T + "\\boxed{y = 2x + 3}") == (1.0, "minerva")
+
+
+def test_accepts_ruler_thousands_separators():
+    assert rr(ruler("1234567", "7654321"), T + "\\boxed{1,234,567 and 7,654,321}") == (1.0, "ruler_all")
+
+
+def test_accepts_ruler_sentence_and_numbered_list():
+    row = ruler("1234567", "7654321")
+    assert rr(row, T + "\\boxed{The special magic numbers for dusky-harbor are 7654321 and 1234567.}") == \
+        (1.0, "ruler_all")
+    assert rr(row, T + "\\boxed{1. 1234567 2. 7654321}") == (1.0, "ruler_all")
+    assert rr(ruler("amber", "lunar"), T + "\\boxed{The special magic words are amber and lunar}") == \
+        (1.0, "ruler_all")
+    assert rr(ruler("amber", "lunar"), T + "\\boxed{amber, lunar, opal}") == (0.0, "extra_values")
 
 
 # ----------------------------------------------------------------------------- math
@@ -260,14 +626,14 @@ def test_normalize_final_answer(s, want):
 
 def test_math_rewards():
     half = {"kind": "math", "answers": ["\\frac{1}{2}"]}
-    assert score({"kind": "math", "answers": ["34"]}, "work...\nAnswer: 34") == (1.0, {"pred": "34", "rule": "minerva"})
-    assert score(half, "\\boxed{\\frac12}") == (1.0, {"pred": "\\frac12", "rule": "minerva"})
+    assert score({"kind": "math", "answers": ["34"]}, T + "work...\nAnswer: 34") == (1.0, {"pred": "34", "rule": "minerva"})
+    assert score(half, T + "\\boxed{\\frac12}") == (1.0, {"pred": "\\frac12", "rule": "minerva"})
     assert score(half, "<think>...</think>\\boxed{0.5}") == (1.0, {"pred": "0.5", "rule": "math_verify"})
     assert normalize_final_answer("0.5") != normalize_final_answer("\\frac{1}{2}")  # only math-verify sees it
-    assert score(half, "Answer: 1/2")[1]["rule"] == "math_verify"
-    assert score(half, "\\boxed{\\frac{1}{3}}") == (0.0, {"pred": "\\frac{1}{3}", "rule": "math_wrong"})
-    assert score(half, "I give up") == (0.0, {"pred": None, "rule": "no_answer"})
-    assert score(half, "\\boxed{" + "1/2 " * 60 + "}")[1]["rule"] == "too_long"
+    assert score(half, T + "Answer: 1/2")[1]["rule"] == "math_verify"
+    assert score(half, T + "\\boxed{\\frac{1}{3}}") == (0.0, {"pred": "\\frac{1}{3}", "rule": "math_wrong"})
+    assert score(half, T + "I give up") == (0.0, {"pred": None, "rule": "no_answer"})
+    assert score(half, T + "\\boxed{" + "1/2 " * 60 + "}")[1]["rule"] == "too_long"
     assert math_equal("x + 1", "1 + x") and not math_equal("2", "3")
 
 
@@ -277,7 +643,7 @@ def test_math_verify_needs_the_thread_fix():
     with pytest.raises(ValueError, match="thread"):  # the premise: its default timeouts use SIGALRM
         in_thread(lambda: parse("\\boxed{7/8}"))
     half = {"kind": "math", "answers": ["\\frac{3}{4}"]}
-    assert in_thread(lambda: score(half, "\\boxed{0.75}")) == (1.0, {"pred": "0.75", "rule": "math_verify"})
+    assert in_thread(lambda: score(half, T + "\\boxed{0.75}")) == (1.0, {"pred": "0.75", "rule": "math_verify"})
     assert in_thread(lambda: math_equal("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"))
 
 
@@ -289,42 +655,50 @@ def mixed_batch():
         k = i % 5
         if k == 0:
             rows.append(qa("Paris", "Paris, France"))
-            responses.append(rng.choice(["\\boxed{Paris}", "\\boxed{}", "<think>x</think>London", "\\boxed{a}\\boxed{b}"]))
+            responses.append(rng.choice([T + "\\boxed{Paris}", T + "\\boxed{}", "<think>x</think>London",
+                                         T + "\\boxed{a}\\boxed{b}", "<think>\\boxed{Paris}"]))
         elif k == 1:
             rows.append(qa("Barack Obama", kind="keychain"))
-            responses.append(rng.choice(["The answer is Obama.", "\\boxed{Barack Obama}", "nothing"]))
+            responses.append(rng.choice([T + "The answer is Obama.", T + "\\boxed{Barack Obama}", T + "nothing"]))
         elif k == 2:
             rows.append({"kind": "ruler", "answers": ["123", "456"]})
-            responses.append(rng.choice(["\\boxed{123 456}", "\\boxed{123}"]))
+            responses.append(rng.choice([T + "\\boxed{123 456}", T + "\\boxed{123}", T + "\\boxed{123 456 789}"]))
         elif k == 3:
             rows.append({"kind": "choice", "answers": ["B"], "messages": [{"role": "user", "content": "x" * 10_000}]})
-            responses.append(rng.choice(["\\boxed{(B)}", "\\boxed{A}"]))
+            responses.append(rng.choice([T + "\\boxed{(B)}", T + "\\boxed{A}"]))
         else:
             a, b = rng.randint(1, 9), rng.randint(2, 9)
             rows.append({"id": i, "kind": "math", "answers": [f"\\frac{{{a}}}{{{b}}}"]})
-            responses.append(rng.choice([f"\\boxed{{{a / b:.6f}}}", f"Answer: {a}/{b}", f"\\boxed{{{a + 1}}}"]))
-    return rows, responses
+            responses.append(T + rng.choice([f"\\boxed{{{a / b:.6f}}}", f"Answer: {a}/{b}", f"\\boxed{{{a + 1}}}"]))
+    finish = [rng.choice(["stop"] * 4 + ["length"]) for _ in rows]
+    return rows, responses, finish
 
 
 def test_score_batch_equals_loop_of_score_through_the_pool():
-    rows, responses = mixed_batch()
-    want = [score(r, t) for r, t in zip(rows, responses)]  # inline, main thread
-    got = score_batch(rows, responses, replace(D, pool_min=2), workers=2)  # math rows in worker processes
+    rows, responses, finish = mixed_batch()
+    want = [score(r, t, D, f) for r, t, f in zip(rows, responses, finish)]  # inline, main thread
+    got = score_batch(rows, responses, replace(D, pool_min=2), workers=2, finish=finish)  # math rows in workers
     assert reward._pool is not None, "the pool path must actually run"
     assert got == want
-    assert sum(r for r, _ in want) > 20 and {d["rule"] for _, d in want} >= {"math_verify", "multi_box", "empty"}
-    assert score_batch(rows, responses, workers=1) == want
+    rules = {d["rule"] for _, d in want}
+    assert sum(r for r, _ in want) > 20 and rules >= {"math_verify", "multi_box", "empty", "length", "no_think",
+                                                      "extra_values"}
+    assert all(d["rule"] == "length" for (_, d), f in zip(want, finish) if f == "length")
+    assert score_batch(rows, responses, workers=1, finish=finish) == want
+    assert score_batch(rows, responses, workers=1) == [score(r, t) for r, t in zip(rows, responses)]
     assert score_batch([], []) == []
     with pytest.raises(ValueError):
         score_batch(rows, responses[:-1])
+    with pytest.raises(ValueError):
+        score_batch(rows, responses, finish=finish[:-1])
 
 
 def test_score_batch_from_a_worker_thread():
-    rows, responses = mixed_batch()
-    want = [score(r, t) for r, t in zip(rows, responses)]
+    rows, responses, finish = mixed_batch()
+    want = [score(r, t, D, f) for r, t, f in zip(rows, responses, finish)]
     reward._mv_parse.cache_clear()  # make the thread parse for itself, without signals
-    assert in_thread(lambda: score_batch(rows, responses, workers=1)) == want  # inline in the thread
-    assert in_thread(lambda: score_batch(rows, responses, replace(D, pool_min=2), workers=2)) == want
+    assert in_thread(lambda: score_batch(rows, responses, workers=1, finish=finish)) == want  # inline in the thread
+    assert in_thread(lambda: score_batch(rows, responses, replace(D, pool_min=2), workers=2, finish=finish)) == want
 
 
 # ----------------------------------------------------------------------------- command line
@@ -340,18 +714,20 @@ def test_cli_table_and_errors(tmp_path, capsys):
         {"id": "c", "source": "math_dapo", "kind": "math", "answers": ["34"]},
     ])
     resp = write_jsonl(tmp_path / "resp.jsonl", [
-        {"id": "a", "response": "\\boxed{Paris}"}, {"id": "a", "response": "\\boxed{Lyon}"},
-        {"id": "b", "response": "\\boxed{Rome}"}, {"id": "c", "response": "Answer: 34"},
+        {"id": "a", "response": T + "\\boxed{Paris}"}, {"id": "a", "response": T + "\\boxed{Lyon}"},
+        {"id": "b", "response": T + "\\boxed{Rome}", "finish": "stop"}, {"id": "c", "response": T + "Answer: 34"},
+        {"id": "b", "response": T + "\\boxed{Rome}", "finish": "length"},
     ])
     out = tmp_path / "scored.jsonl"
     reward.main([f"--rows={rows}", f"--responses={resp}", f"--out={out}"])
     lines = capsys.readouterr().out.splitlines()
     table = {tuple(l.split()[:2]): l.split()[2:] for l in lines[1:-1]}
     assert table[("hotpotqa", "keychain")] == ["2", "0.5000"]
-    assert table[("musique", "qa")] == ["1", "1.0000"]
+    assert table[("musique", "qa")] == ["2", "0.5000"]  # the second one was cut at the length limit
     assert table[("math_dapo", "math")] == ["1", "1.0000"]
-    assert table[("all", "4")] == ["0.7500"]
-    assert [json.loads(l)["reward"] for l in out.read_text().splitlines()] == [1.0, 0.0, 1.0, 1.0]
+    assert table[("all", "5")] == ["0.6000"]
+    assert [json.loads(l)["reward"] for l in out.read_text().splitlines()] == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert json.loads(out.read_text().splitlines()[-1])["rule"] == "length"
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "response": "x"}, {"id": "zzz", "response": "x"}])
     with pytest.raises(SystemExit) as e:
@@ -360,8 +736,11 @@ def test_cli_table_and_errors(tmp_path, capsys):
     nores = write_jsonl(tmp_path / "nores.jsonl", [{"id": "a"}])
     with pytest.raises(SystemExit, match="nores.jsonl: record 0"):
         reward.main([f"--rows={rows}", f"--responses={nores}"])
+    with pytest.raises(SystemExit, match="--qa_rule must be one of"):
+        reward.main([f"--rows={rows}", f"--responses={resp}", "--qa_rule=loose"])
 
 
 def test_cli_help():
     p = subprocess.run([sys.executable, "reward.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "--qa_metric='sub_em'" in p.stdout and "--max_answer_chars=128" in p.stdout
+    assert "--qa_rule='guarded'" in p.stdout and "--guards" not in p.stdout
