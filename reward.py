@@ -312,6 +312,8 @@ _TYPOGRAPHY = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "�
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,000" -> "1000"
 _SEPARATOR = re.compile(r"[;\n]|,(?!\d{3}(?!\d))")  # between items of a list (not a thousands comma)
 _PAREN = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")  # "(France)": a qualifier
+_POSSESSIVE = re.compile(r"'s\b")
+_AS_SPACE = re.compile(r"[-/_]")  # "rock-and-roll" = "rock and roll"
 _PUNCT_CHARS = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]")  # any punctuation, except a decimal point
 _SLASH = re.compile(r"(?<!\d)/|/(?!\d)|\|")  # "Paris/London", "and/or"; "1/2" is a number
 _ALTERNATIVES = frozenset({"or", "either", "vs", "versus"})
@@ -322,17 +324,20 @@ _FORM_RULES = ("yes_no", "alternatives", "list", "conjunction", "negation")  # c
 
 def _plain(s: str) -> str:
     """Accents off (NFKD: "São" -> "sao"), curly quotes and dashes straightened, lower case."""
+    if s.isascii():  # the common case, and the fast one
+        return s.lower()
     s = unicodedata.normalize("NFKD", s)
     return "".join(c for c in s if not unicodedata.combining(c)).translate(_TYPOGRAPHY).lower()
 
 
+@lru_cache(maxsize=65536)  # golds repeat G times per prompt, answers repeat within a group
 def _norm(s: str, possessive: bool = True) -> str:
     """Reward normalization: _plain, "&" = "and", possessive 's off, hyphens/slashes = spaces, punctuation off,
     a/an/the off, number words zero..twenty as digits. (normalize_answer stays LongBench's, for the metrics.)"""
     s = _plain(s).replace("&", " and ")
     if possessive:
-        s = re.sub(r"'s\b", "", s)
-    s = _PUNCT_CHARS.sub("", re.sub(r"[-/_]", " ", _THOUSANDS.sub("", s)))
+        s = _POSSESSIVE.sub("", s)
+    s = _PUNCT_CHARS.sub("", _AS_SPACE.sub(" ", _THOUSANDS.sub("", s)))
     return " ".join(_NUMBER_WORDS.get(w, w) for w in s.split() if w not in ("a", "an", "the"))
 
 

@@ -6,7 +6,8 @@
 One GPU generating ~1,500-token responses produces on the order of 100 per second (vLLM, 7B), so the
 bar is 20x that: 2,000 responses per second. Responses are synthetic and deterministic (seed): ~6,000
 characters of reasoning, then an answer in the mix of forms a policy produces (boxed after </think>,
-"the answer is", several boxes, long lists, truncated without an answer: the slowest path, a full scan).
+"the answer is", several boxes, long lists, cut at the length limit without an answer: the slowest path, a
+full scan).
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ class Config:
     target: float = 2_000.0  # responses per second required
 
 
-def make_qa(n: int, chars: int, seed: int) -> tuple[list[dict], list[str]]:
+def make_qa(n: int, chars: int, seed: int) -> tuple[list[dict], list[str], list[str]]:
     rng = random.Random(seed)
     vocab = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(3000)]
     vocab += ["the", "a", "passage", "key", "question", "so", "therefore", "answer", "Paris", "1987"]
-    rows, responses = [], []
+    rows, responses, finish = [], [], []
     for i in range(n):
         gold = " ".join(rng.choices(vocab[:3000], k=rng.randint(1, 3))).title()
         words, size = [], 0
@@ -58,7 +59,8 @@ def make_qa(n: int, chars: int, seed: int) -> tuple[list[dict], list[str]]:
         rows.append({"id": f"bench-{i}", "source": "hotpotqa", "kind": "keychain" if i % 2 else "qa",
                      "answers": [gold], "messages": []})
         responses.append(think + tail)
-    return rows, responses
+        finish.append("stop" if tail else "length")
+    return rows, responses, finish
 
 
 def make_math(n: int, chars: int, seed: int) -> tuple[list[dict], list[str]]:
@@ -83,21 +85,23 @@ def main() -> None:
     cfg = parse_config(Config, sys.argv[1:], __doc__)
     workers = cfg.workers or min(os.cpu_count() or 1, 8)
     t = time.perf_counter()
-    rows, responses = make_qa(cfg.n, cfg.chars, cfg.seed)
+    rows, responses, finish = make_qa(cfg.n, cfg.chars, cfg.seed)
     mean_chars = sum(map(len, responses)) / len(responses)
     print(f"made {cfg.n} QA responses, {mean_chars:.0f} characters each on average, in {time.perf_counter() - t:.1f}s;"
           f" {os.cpu_count()} cpus")
 
-    r_loop, a = rate(lambda: [reward.score(r, s) for r, s in zip(rows, responses)], cfg.n)
-    r_batch, b = rate(lambda: reward.score_batch(rows, responses), cfg.n)
+    r_loop, a = rate(lambda: [reward.score(r, s, None, f) for r, s, f in zip(rows, responses, finish)], cfg.n)
+    r_batch, b = rate(lambda: reward.score_batch(rows, responses, finish=finish), cfg.n)
     assert a == b, "score_batch disagrees with score"
     pool = reward._get_pool(workers, reward.DEFAULT.start_method)  # what a pool would do for QA too
-    list(pool.map(reward._score_chunk, [rows[:1]] * workers, [responses[:1]] * workers, [reward.DEFAULT] * workers))
+    list(pool.map(reward._score_chunk, [rows[:1]] * workers, [responses[:1]] * workers, [reward.DEFAULT] * workers,
+                  [finish[:1]] * workers))
 
     def pooled():
         size = -(-cfg.n // (4 * workers))
         chunks = [(rows[s:s + size], responses[s:s + size]) for s in range(0, cfg.n, size)]
-        return [x for c in pool.map(reward._score_chunk, *zip(*chunks), [reward.DEFAULT] * len(chunks)) for x in c]
+        fins = [finish[s:s + size] for s in range(0, cfg.n, size)]
+        return [x for c in pool.map(reward._score_chunk, *zip(*chunks), [reward.DEFAULT] * len(chunks), fins) for x in c]
 
     r_pool, c = rate(pooled, cfg.n)
     assert c == a
