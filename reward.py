@@ -30,11 +30,14 @@ be paid without being right; each scores 0 and names itself in diag["rule"]:
   conjunction  "and" joining candidates ("Paris and London") when the gold has no "and".
   negation     "not Paris", "neither ... nor", "no": says what is not the answer.
   yes_no       both "yes" and "no".
-  extra_words  more than max_extra_words content words besides the gold ("Paris London Berlin Rome").
+  extra_words  more than max_extra_words content words besides the gold ("Paris London Berlin Rome"), or, with no
+               stop word to make a phrase, another name or number beside it ("Paris London", "1998 1999").
   fragment     (sub_em, answer inside the gold) the answer covers less than half of the gold's content words,
                or is only stop words ("of" for "Bank of America") or a lone number inside a longer gold ("1" for
                "1 December 2010").
   equation     math: "=" other than one "var = value" ("7=5": math-verify compares the right side only).
+  unverifiable math: a command or sign a value has not ("7 \\to 5", "7 \\hspace{1em} 5", "7 ~ 5") and the gold has
+               not, where math-verify would read one side only; Minerva's exact match still decides.
   extra_values ruler: a value that is no gold ("1234567 7654321 5550123"); a gold glued to another
                ("12345677654321") is not found, since values are read as whole tokens.
 (A form a gold itself has is allowed: "Simon and Garfunkel", "yes and no", "Paris, France".)
@@ -372,6 +375,14 @@ def _forms(s: str) -> set[str]:
     return out
 
 
+_NAME = re.compile(r"(?<![-–—\w])(?:[A-Z]\w*|\d+)(?![-–—\w])")  # "Paris", "1999"; not "99" of "1998–99"
+
+
+def _names(s: str) -> set[str]:
+    """Normalized words the answer writes as names or numbers: candidates, unlike "city" in "Paris city"."""
+    return {_norm(w) for w in _NAME.findall(s)}
+
+
 def _covers(pred: str, gold: str) -> bool:
     """A normalized answer inside a normalized gold is right only when it covers a substantial part of it: at least
     half of the gold's content words, at least one content word, and not a lone number ("1" in "1 December 2010")."""
@@ -410,7 +421,9 @@ def _qa(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
                     if p == g:
                         return 1.0, m
                 elif f" {g} " in f" {p} ":  # whole words: "art" is not in "cartoon"
-                    if len(_content(p)) - len(_content(g)) <= cfg.max_extra_words:
+                    extra = Counter(_content(p)) - Counter(_content(g))
+                    bare = not any(w in _STOP for w in p.split())  # "Paris London": names side by side, no phrase
+                    if sum(extra.values()) <= cfg.max_extra_words and not (bare and set(extra) & _names(pred)):
                         return 1.0, m
                     why = "extra_words"
                 elif m == "sub_em" and f" {p} " in f" {g} ":
@@ -457,6 +470,35 @@ _MATH_HEDGE = re.compile(r"\\(?:lor|vee|land|wedge)(?![A-Za-z])|\bor\b")  # math
 _VAR_EQ = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?(?:\([^()=]*\))?\s*=([^=]+)")  # "x = 5", "a_1 = 5", "f(x) = 2x"
 
 
+# what a value is made of: math-verify may judge an answer only when it holds nothing else (or only the gold's own)
+_VALUE_COMMANDS = frozenset(
+    "frac dfrac tfrac sqrt pi infty cdot times div pm mp left right log ln lg exp sin cos tan sec csc cot arcsin "
+    "arccos arctan sinh cosh tanh binom dbinom tbinom overline mathbb mathrm mathbf text textbf textrm mbox "
+    "operatorname displaystyle emptyset varnothing alpha beta gamma delta epsilon varepsilon theta lambda mu rho sigma "
+    "tau phi varphi omega Gamma Delta Theta Lambda Pi Sigma Phi Omega begin end".split())
+_VALUE_CHARS = frozenset(string.ascii_letters + string.digits + " \t\n+-*/^_.,()[]{}='!%")
+_COMMAND = re.compile(r"\\([A-Za-z]+)|\\(.)", re.S)
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree(?![A-Za-z])")
+_TEXT_ARG = re.compile(r"\\(?:text[a-z]*|mbox|mathrm)\s*\{([^{}]*)\}")
+
+
+def _verifiable(pred: str, golds: list[str]) -> bool:
+    """math-verify keeps one side of a relation and skips what it cannot read: "7 \\to 5", "7 \\hspace{1em} 5",
+    "\\cancel{7} 5", "7 ~ 5", "7 ... 5" all equal 5 to it. So it judges only answers made of a value's commands and
+    characters; any other ("|", ":", "<", "\\\\", "\\in") must be the gold's own. Minerva's exact match still applies."""
+    gold = " ".join(golds)
+    s = _DEGREES.sub(" ", pred)
+    if re.search(r"\\(?:left|right)\.|%(?!\s*$)", s) or (".." in s and ".." not in gold):
+        return False
+    for m in _COMMAND.finditer(s):
+        name = m.group(1) or m.group(2)
+        if name not in _VALUE_COMMANDS and name not in ",;!% ${}" and "\\" + name not in gold:
+            return False
+    if set(_COMMAND.sub(" ", s)) - _VALUE_CHARS - set(gold):
+        return False
+    return all(re.fullmatch(r"[A-Za-z\s.]*", t) for t in _TEXT_ARG.findall(s))  # units, not "(approx"
+
+
 def _math(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
     if _MATH_HEDGE.search(pred) and not any(_MATH_HEDGE.search(g) for g in golds):
         return 0.0, "alternatives"
@@ -467,6 +509,8 @@ def _math(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
         pred = m.group(1)
     if any(normalize_final_answer(pred) == normalize_final_answer(g) for g in golds):
         return 1.0, "minerva"
+    if not _verifiable(pred, golds):
+        return 0.0, "unverifiable"
     if any(math_equal(pred, g, cfg) for g in golds):
         return 1.0, "math_verify"
     return 0.0, "math_wrong"

@@ -517,6 +517,36 @@ def test_blocks_math_logical_or():
     assert rr(math_row("5"), T + "\\boxed{3 \\text{ or } 5}") == (0.0, "alternatives")
 
 
+def test_blocks_bare_two_name_hedge():
+    assert rr(qa("London"), T + "\\boxed{Paris London}") == (0.0, "extra_words")
+    assert rr(qa("Paris"), T + "\\boxed{Paris London}") == (0.0, "extra_words")
+    assert rr(qa("1999"), T + "\\boxed{1998 1999}") == (0.0, "extra_words")
+    assert rr(qa("Paris"), T + "\\boxed{Paris city}") == (1.0, "sub_em")  # a lower-case descriptor is no candidate
+
+
+@pytest.mark.parametrize("junk", [
+    "\\to", "\\rightarrow", "\\Rightarrow", "\\implies", "\\iff", "\\approx", "\\equiv", "\\sim", "\\cong",
+    "\\mapsto", "\\in", "\\cap", "\\cup", "\\setminus", "\\mid", "\\circ", "\\hspace{1em}", "\\not", "\\\\",
+    "\\cr", "\\hline", "\\therefore", "|", ":", "~", "&", "#", "?", "->", "...", "..", ">>", "\\left.", "\\%",
+])
+def test_blocks_math_verify_reading_one_side(junk):
+    # math-verify keeps one side of what it cannot read as one value: "7 \\to 5" would equal 5
+    for hack in (f"7 {junk} 5", f"5 {junk} 7", f"{junk} 7 5"):
+        assert rr(math_row("5"), T + f"\\boxed{{{hack}}}")[0] == 0.0, hack
+        assert rr(math_row("5"), T + f"Answer: {hack}")[0] == 0.0, hack
+
+
+@pytest.mark.parametrize("gold,pred,rule", [
+    ("\\frac{1}{2}", "0.5", "math_verify"), ("x^2+1", "1+x^2", "math_verify"), ("50", "50\\%", "math_verify"),
+    ("90", "90^\\circ", "minerva"), ("1000", "10^{3}", "math_verify"), ("\\{1,2\\}", "\\{2, 1\\}", "math_verify"),
+    ("\\frac{1}{2}", "0.5 \\text{ cm}", "math_verify"), ("120", "5!", "math_verify"), ("2", "\\left( 2 \\right)", "math_verify"),
+    ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2)\\cup(3,\\infty)", "minerva"), ("3:4", "3:4", "minerva"),
+    ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "minerva"),
+])
+def test_accepts_math_equivalent_forms(gold, pred, rule):
+    assert rr(math_row(gold), T + f"\\boxed{{{pred}}}") == (1.0, rule)
+
+
 def test_blocks_ruler_values_over_many_boxes():
     row = ruler("1234567", "7654321")
     assert rr(row, T + "\\boxed{1234567} \\boxed{7654321} \\boxed{5550123}") == (0.0, "extra_values")
