@@ -30,8 +30,9 @@ be paid without being right; each scores 0 and names itself in diag["rule"]:
   conjunction  "and" joining candidates ("Paris and London") when the gold has no "and".
   negation     "not Paris", "neither ... nor", "no": says what is not the answer.
   yes_no       both "yes" and "no".
-  extra_words  more than max_extra_words content words besides the gold ("Paris London Berlin Rome"), or, with no
-               stop word to make a phrase, another name or number beside it ("Paris London", "1998 1999").
+  extra_words  more than max_extra_words content words besides the gold ("Paris London Berlin Rome"), or another
+               name or number beside it ("Paris London", "Paris in London", "1998 1999"), unless the whole answer
+               is a phrase of the prompt's passages ("Barack Obama" for "Obama"). Qualifiers go after a comma.
   fragment     (sub_em, answer inside the gold) the answer covers less than half of the gold's content words,
                or is only stop words ("of" for "Bank of America") or a lone number inside a longer gold ("1" for
                "1 December 2010").
@@ -375,12 +376,28 @@ def _forms(s: str) -> set[str]:
     return out
 
 
-_NAME = re.compile(r"(?<![-–—\w])(?:[A-Z]\w*|\d+)(?![-–—\w])")  # "Paris", "1999"; not "99" of "1998–99"
-
-
 def _names(s: str) -> set[str]:
-    """Normalized words the answer writes as names or numbers: candidates, unlike "city" in "Paris city"."""
-    return {_norm(w) for w in _NAME.findall(s)}
+    """Normalized words the answer writes as names or numbers ("Paris", "1999", "three"): candidates, unlike
+    "city" in "Paris city". A number in a range ("99" of "1998–99") is part of one value."""
+    out = set()
+    for m in re.finditer(r"\w+", s):
+        w, n = m.group(), _norm(m.group())
+        ranged = bool(re.search(r"[-–—]$", s[: m.start()]) or re.match(r"[-–—]", s[m.end() :]))
+        if n and (w[0].isupper() or (n.isdigit() and not ranged)):
+            out.add(n)
+    return out
+
+
+@lru_cache(maxsize=16)  # a prompt is scored G times in a row
+def _passages(text: str) -> str:
+    return f" {_norm.__wrapped__(text)} "
+
+
+def _copied(row: dict, phrase: str) -> bool:
+    """The normalized phrase stands in the row's prompt: a longer name copied from the passages ("Barack Obama")."""
+    msgs = row.get("messages")
+    text = "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict)) if isinstance(msgs, list) else ""
+    return bool(text) and f" {phrase} " in _passages(text)
 
 
 def _covers(pred: str, gold: str) -> bool:
@@ -393,7 +410,7 @@ def _covers(pred: str, gold: str) -> bool:
     return 2 * len(pc) >= len(gc)
 
 
-def _qa(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
+def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str]:
     """Guarded QA: hedging forms the gold does not share score 0, then the metric on the head of the answer."""
     if "{" in pred or "}" in pred:
         return 0.0, "braces"
@@ -422,8 +439,10 @@ def _qa(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
                         return 1.0, m
                 elif f" {g} " in f" {p} ":  # whole words: "art" is not in "cartoon"
                     extra = Counter(_content(p)) - Counter(_content(g))
-                    bare = not any(w in _STOP for w in p.split())  # "Paris London": names side by side, no phrase
-                    if sum(extra.values()) <= cfg.max_extra_words and not (bare and set(extra) & _names(pred)):
+                    # another name beside the gold is a second candidate ("Paris London", "Paris in London"),
+                    # unless the whole answer is a phrase of the passages ("Barack Obama" for "Obama")
+                    names = set(extra) & _names(pred)
+                    if sum(extra.values()) <= cfg.max_extra_words and (not names or _copied(row, p)):
                         return 1.0, m
                     why = "extra_words"
                 elif m == "sub_em" and f" {p} " in f" {g} ":
@@ -558,11 +577,11 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
 
     if (n_boxes > 1 and kind != "ruler") or _BOX.search(pred):
         return out(0, "multi_box")
-    if not (_norm(pred) if kind in ("qa", "keychain", "ruler") else re.search(r"[^\W_]", pred)):
-        return out(0, "empty")
     ref_len = sum(len(g) + 2 for g in golds) if kind == "ruler" else max(map(len, golds))
     if cfg.max_answer_chars >= 0 and len(pred) > ref_len + cfg.max_answer_chars:
         return out(0, "too_long")
+    if not (_norm(pred) if kind in ("qa", "keychain", "ruler") else re.search(r"[^\W_]", pred)):
+        return out(0, "empty")
     if kind == "choice":
         want, got = _choice_letter(unwrap(golds[0])), _choice_letter(pred)
         return out(float(got is not None and got == want), "choice" if got else "choice_unparsed")
@@ -572,7 +591,7 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
         return out(*_ruler(pred, golds))
     if not any(_norm(g) for g in golds):
         return out(0, "no_gold")  # a gold that normalizes to "" ("The", "?") is inside everything
-    return out(*_qa(pred, golds, cfg))
+    return out(*_qa(pred, golds, cfg, row))
 
 
 # ----------------------------------------------------------------------------- batches

@@ -517,6 +517,31 @@ def test_blocks_math_logical_or():
     assert rr(math_row("5"), T + "\\boxed{3 \\text{ or } 5}") == (0.0, "alternatives")
 
 
+def test_blocks_name_joined_by_a_small_word():
+    for gold in ("Paris", "London"):
+        assert rr(qa(gold), T + "\\boxed{Paris in London}") == (0.0, "extra_words")
+        assert rr(qa(gold), T + "\\boxed{London instead of Paris}") == (0.0, "extra_words")
+
+
+@pytest.mark.parametrize("a,b", [("Paris", "London"), ("Barack Obama", "George Bush"), ("1998", "2005"),
+                                 ("three", "four"), ("New York", "Los Angeles")])
+def test_no_answer_is_right_for_two_different_golds(a, b):
+    # the invariant behind every hedge guard: one response never earns 1 for two unrelated golds
+    joins = [" ", ", ", "; ", "\n", " or ", " and ", "/", " & ", " | ", " (", " - ", " vs ", " then ", " in ", " of ",
+             " not ", " but ", " maybe ", " with ", " + ", " i.e. ", " to ", " by ", "'s ", " = ", ": ", " -> ", " ~ ",
+             " \\\\ ", "\\, ", " \\text{and} ", " instead of ", " rather than ", ""]
+    wraps = ["\\boxed{%s}", "\\boxed{\\text{%s}.}", "The answer is %s.", "%s", "\\boxed{(%s)}"]
+    paid = []
+    for j in joins:
+        for x, y in ((a, b), (b, a)):
+            for w in wraps:
+                resp = T + w % (x + j + y + (")" if j == " (" else ""))
+                if score(qa(a), resp)[0] and score(qa(b), resp)[0]:
+                    paid.append(resp)
+    assert paid == []
+    assert score(qa(a), T + f"\\boxed{{{a}}}")[0] == score(qa(b), T + f"\\boxed{{{b}}}")[0] == 1.0
+
+
 def test_blocks_bare_two_name_hedge():
     assert rr(qa("London"), T + "\\boxed{Paris London}") == (0.0, "extra_words")
     assert rr(qa("Paris"), T + "\\boxed{Paris London}") == (0.0, "extra_words")
@@ -576,7 +601,14 @@ def test_accepts_part_of_a_two_part_gold():
 
 
 def test_accepts_short_sentence_after_think():
-    assert rr(qa("Paris"), T + "The capital of France is Paris.") == (1.0, "sub_em")
+    assert rr(qa("Paris"), T + "It is the city of Paris.") == (1.0, "sub_em")
+
+
+def test_accepts_longer_name_copied_from_the_passages():
+    row = dict(qa("Obama"), messages=[{"role": "user", "content": "Passage 1: Barack Obama was born in Honolulu."}])
+    assert rr(row, T + "\\boxed{Barack Obama}") == (1.0, "sub_em")
+    assert rr(qa("Obama"), T + "\\boxed{Barack Obama}") == (0.0, "extra_words")  # no passages to copy from
+    assert rr(row, T + "\\boxed{Obama Honolulu}") == (0.0, "extra_words")  # two names, not a phrase there
 
 
 def test_accepts_thousands_separator():
