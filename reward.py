@@ -83,9 +83,9 @@ class Config:
     responses: str = ""  # CLI: {"id", "response"[, "finish"]} .jsonl
     out: str = ""  # CLI: optional .jsonl of {"id", "reward", "pred", "rule"} per response
     qa_metric: str = "sub_em"  # sub_em (final runs) | substring (gold in answer) | em | f1 | hotpot_f1
-    qa_rule: str = "guarded"  # guarded (every guard above) | public (the authors' public one-way rule, empty = 0)
+    qa_rule: str = "guarded"  # guarded (the guards listed above) | public (authors' public one-way rule, empty = 0)
     max_answer_chars: int = 128  # too_long slack over the longest gold (authors' strict mode); < 0 disables
-    max_extra_words: int = 2  # content words allowed beside the gold ("the capital of France, Paris"); more = a list
+    max_extra_words: int = 2  # content words allowed beside the gold ("the city of Paris"); more = a list
     math_timeout: int = 5  # seconds per math-verify parse/compare (signal based: main thread only)
     workers: int = 0  # processes for math rows in score_batch; 0 = min(cpu count, 8); 1 = inline
     pool_min: int = 32  # fewer math rows than this are scored inline (pool start-up costs more)
