@@ -493,7 +493,7 @@ _VAR_EQ = re.compile(r"\s*[A-Za-z](?:_\{?\w+\}?)?(?:\([^()=]*\))?\s*=([^=]+)")  
 _VALUE_COMMANDS = frozenset(
     "frac dfrac tfrac sqrt pi infty cdot times div pm mp left right log ln lg exp sin cos tan sec csc cot arcsin "
     "arccos arctan sinh cosh tanh binom dbinom tbinom overline mathbb mathrm mathbf text textbf textrm mbox "
-    "operatorname displaystyle emptyset varnothing alpha beta gamma delta epsilon varepsilon theta lambda mu rho sigma "
+    "displaystyle emptyset varnothing alpha beta gamma delta epsilon varepsilon theta lambda mu rho sigma "
     "tau phi varphi omega Gamma Delta Theta Lambda Pi Sigma Phi Omega begin end".split())
 _VALUE_CHARS = frozenset(string.ascii_letters + string.digits + " \t\n+-*/^_.,()[]{}='!%")
 _COMMAND = re.compile(r"\\([A-Za-z]+)|\\(.)", re.S)
@@ -507,7 +507,8 @@ def _verifiable(pred: str, golds: list[str]) -> bool:
     characters; any other ("|", ":", "<", "\\\\", "\\in") must be the gold's own. Minerva's exact match still applies."""
     gold = " ".join(golds)
     s = _DEGREES.sub(" ", pred)
-    if re.search(r"\\(?:left|right)\.|%(?!\s*$)", s) or (".." in s and ".." not in gold):
+    if (re.search(r"\\(?:left|right)\.|%(?!\s*$)|\{\s*\}|(?<!\d)\.(?!\d)", s)  # "\left.", "7 {} 5", "7 . 5"
+            or s.count("\\{") != s.count("\\}")):
         return False
     for m in _COMMAND.finditer(s):
         name = m.group(1) or m.group(2)
@@ -519,6 +520,7 @@ def _verifiable(pred: str, golds: list[str]) -> bool:
 
 
 def _math(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
+    pred = re.sub(r"(?<!\\left)(?<!\\right)\s*\.$", "", pred.strip())  # "34." ends a sentence; "\right." does not
     if _MATH_HEDGE.search(pred) and not any(_MATH_HEDGE.search(g) for g in golds):
         return 0.0, "alternatives"
     if "=" in pred and not any("=" in g for g in golds):  # Minerva keeps what follows the last "=": "7=5" -> "5"

@@ -553,10 +553,11 @@ def test_blocks_bare_two_name_hedge():
     "\\to", "\\rightarrow", "\\Rightarrow", "\\implies", "\\iff", "\\approx", "\\equiv", "\\sim", "\\cong",
     "\\mapsto", "\\in", "\\cap", "\\cup", "\\setminus", "\\mid", "\\circ", "\\hspace{1em}", "\\not", "\\\\",
     "\\cr", "\\hline", "\\therefore", "|", ":", "~", "&", "#", "?", "->", "...", "..", ">>", "\\left.", "\\%",
+    "{}", "^{}", "_{}", "\\{", ".", "\\operatorname{x}", "\\right.",
 ])
 def test_blocks_math_verify_reading_one_side(junk):
     # math-verify keeps one side of what it cannot read as one value: "7 \\to 5" would equal 5
-    for hack in (f"7 {junk} 5", f"5 {junk} 7", f"{junk} 7 5"):
+    for hack in (f"7 {junk} 5", f"5 {junk} 7", f"{junk} 7 5", f"7 5 {junk}"):
         assert rr(math_row("5"), T + f"\\boxed{{{hack}}}")[0] == 0.0, hack
         assert rr(math_row("5"), T + f"Answer: {hack}")[0] == 0.0, hack
 
@@ -567,6 +568,8 @@ def test_blocks_math_verify_reading_one_side(junk):
     ("\\frac{1}{2}", "0.5 \\text{ cm}", "math_verify"), ("120", "5!", "math_verify"), ("2", "\\left( 2 \\right)", "math_verify"),
     ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2)\\cup(3,\\infty)", "minerva"), ("3:4", "3:4", "minerva"),
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "minerva"),
+    ("34", "34.", "minerva"), ("0.5", ".5", "math_verify"), ("\\{1,2\\}", "\\left\\{1,2\\right\\}", "math_verify"),
+    ("12", "12 \\text{ inches}", "minerva"), ("7", "7 - 0", "math_verify"),
 ])
 def test_accepts_math_equivalent_forms(gold, pred, rule):
     assert rr(math_row(gold), T + f"\\boxed{{{pred}}}") == (1.0, rule)
