@@ -49,7 +49,8 @@ Normalization that keeps right answers right (QA): every \\text-like wrapper any
 thousands separators, a/an/the; a parenthetical is a qualifier. Choice reads "C", "(C)", "C)", "C. 12 km", "Option C".
 
 --qa_rule=public: the authors' public QA rule, literally: the normalized gold is a substring of the normalized last
-box (no guards), except that an empty answer is wrong. The other kinds are graded as above.
+box (no QA guards), except that an empty answer is wrong. length and no_think still apply (they are not about QA);
+the other kinds are graded as above.
 
 Benchmark metrics are plain functions with no guards, exactly as the benchmarks define them:
 qa_f1_score / longbench_score (LongBench v1), exact_match, hotpot_f1 (HotpotQA's yes/no rule),
@@ -378,12 +379,11 @@ def _forms(s: str) -> set[str]:
 
 def _names(s: str) -> set[str]:
     """Normalized words the answer writes as names or numbers ("Paris", "1999", "three"): candidates, unlike
-    "city" in "Paris city". A number in a range ("99" of "1998–99") is part of one value."""
+    "city" in "Paris city". The end of a range ("99" of "1998–99") continues its start: "3-4" pays for 3 only."""
     out = set()
     for m in re.finditer(r"\w+", s):
         w, n = m.group(), _norm(m.group())
-        ranged = bool(re.search(r"[-–—]$", s[: m.start()]) or re.match(r"[-–—]", s[m.end() :]))
-        if n and (w[0].isupper() or (n.isdigit() and not ranged)):
+        if n and (w[0].isupper() or (n.isdigit() and not re.search(r"\d\s*[-–—]\s*$", s[: m.start()]))):
             out.add(n)
     return out
 

@@ -413,6 +413,7 @@ def test_accepts_possessive():
 
 def test_accepts_en_dash_range_for_year():
     assert rr(qa("1998"), T + "\\boxed{1998–99}") == (1.0, "sub_em")
+    assert rr(qa("1999"), T + "\\boxed{1998–1999}") == (0.0, "extra_words")  # a range is its start, not a hedge
 
 
 # ----------------------------------------------------------------------------- more hacks: each pays 0
@@ -524,12 +525,12 @@ def test_blocks_name_joined_by_a_small_word():
 
 
 @pytest.mark.parametrize("a,b", [("Paris", "London"), ("Barack Obama", "George Bush"), ("1998", "2005"),
-                                 ("three", "four"), ("New York", "Los Angeles")])
+                                 ("three", "four"), ("New York", "Los Angeles"), ("3", "4")])
 def test_no_answer_is_right_for_two_different_golds(a, b):
     # the invariant behind every hedge guard: one response never earns 1 for two unrelated golds
     joins = [" ", ", ", "; ", "\n", " or ", " and ", "/", " & ", " | ", " (", " - ", " vs ", " then ", " in ", " of ",
              " not ", " but ", " maybe ", " with ", " + ", " i.e. ", " to ", " by ", "'s ", " = ", ": ", " -> ", " ~ ",
-             " \\\\ ", "\\, ", " \\text{and} ", " instead of ", " rather than ", ""]
+             " \\\\ ", "\\, ", " \\text{and} ", " instead of ", " rather than ", "-", "–", " to ", ""]
     wraps = ["\\boxed{%s}", "\\boxed{\\text{%s}.}", "The answer is %s.", "%s", "\\boxed{(%s)}"]
     paid = []
     for j in joins:
