@@ -593,7 +593,7 @@ def test_blocks_choice_letter_lists():
     assert rr(choice("C"), T + "\\boxed{A cat}") == (0.0, "choice_unparsed")  # a word, not a letter
 
 
-def test_blocks_hedge_words_in_reasoning_do_not_count():
+def test_accepts_hedging_inside_think():
     # hedging inside <think> is thinking; only the final answer is graded (both ways)
     assert rr(qa("Paris"), "<think>Paris or London? Not London.</think>\\boxed{Paris}") == (1.0, "sub_em")
 
