@@ -41,7 +41,9 @@ be paid without being right; each scores 0 and names itself in diag["rule"]:
                not, where math-verify would read one side only; Minerva's exact match still decides.
   extra_values ruler: a value that is no gold ("1234567 7654321 5550123"); a gold glued to another
                ("12345677654321") is not found, since values are read as whole tokens.
-(A form a gold itself has is allowed: "Simon and Garfunkel", "yes and no", "Paris, France".)
+  choice_unparsed  no single option letter ("A) or B)", "A/C", "A cat").
+(A form a gold itself has is allowed: "Simon and Garfunkel", "yes and no", "Paris, France". QA matches whole
+words: character-level, "e" is inside most golds and "art" inside "cartoon".)
 
 Normalization that keeps right answers right (QA): every \\text-like wrapper anywhere (\\text{Paris} (France),
 \\textsc{..}), accents (NFKD: "Sao Paulo" == "São Paulo"), curly quotes, hyphens and dashes as spaces
