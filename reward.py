@@ -30,9 +30,10 @@ be paid without being right; each scores 0 and names itself in diag["rule"]:
   conjunction  "and" joining candidates ("Paris and London") when the gold has no "and".
   negation     "not Paris", "neither ... nor", "no": says what is not the answer.
   yes_no       both "yes" and "no".
-  extra_words  more than max_extra_words content words besides the gold ("Paris London Berlin Rome"), or another
-               name or number beside it ("Paris London", "Paris in London", "1998 1999"), unless the whole answer
-               is a phrase of the prompt's passages ("Barack Obama" for "Obama"). Qualifiers go after a comma.
+  extra_words  words beside the gold ("Paris London", "paris in london", "1998 1999") when the answer is not a
+               phrase of the prompt's passages ("Barack Obama" for "Obama" is; without passages, as in evaluation,
+               only names and numbers count), or more than max_extra_words of them ("Paris London Berlin Rome").
+               Qualifiers go after a comma, where they earn nothing.
   fragment     (sub_em, answer inside the gold) the answer covers less than half of the gold's content words,
                or is only stop words ("of" for "Bank of America") or a lone number inside a longer gold ("1" for
                "1 December 2010").
@@ -383,23 +384,29 @@ def _names(s: str) -> set[str]:
     """Normalized words the answer writes as names or numbers ("Paris", "1999", "three"): candidates, unlike
     "city" in "Paris city". The end of a range ("99" of "1998–99") continues its start: "3-4" pays for 3 only."""
     out = set()
-    for m in re.finditer(r"\w+", s):
+    for m in re.finditer(r"[^\W_]+", s):
         w, n = m.group(), _norm(m.group())
         if n and (w[0].isupper() or (n.isdigit() and not re.search(r"\d\s*[-–—]\s*$", s[: m.start()]))):
             out.add(n)
     return out
 
 
+_CLAUSE = re.compile(r"[,;:.!?()\[\]\n]+")  # a copied phrase lies inside one clause: "Paris, London" is no phrase
+
+
 @lru_cache(maxsize=16)  # a prompt is scored G times in a row
 def _passages(text: str) -> str:
-    return f" {_norm.__wrapped__(text)} "
+    return " " + " \0 ".join(_norm.__wrapped__(c) for c in _CLAUSE.split(text)) + " "
 
 
-def _copied(row: dict, phrase: str) -> bool:
-    """The normalized phrase stands in the row's prompt: a longer name copied from the passages ("Barack Obama")."""
+def _phrase_ok(row: dict, phrase: str, pred: str, extra: Counter) -> bool:
+    """Words beside the gold are fine when the answer is a phrase copied from the row's passages ("Barack Obama"
+    for "Obama", "the Mississippi River"); rows without passages (evaluation) refuse only extra names."""
     msgs = row.get("messages")
     text = "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict)) if isinstance(msgs, list) else ""
-    return bool(text) and f" {phrase} " in _passages(text)
+    if text:
+        return f" {phrase} " in _passages(text)
+    return not set(extra) & _names(pred)
 
 
 def _covers(pred: str, gold: str) -> bool:
@@ -440,11 +447,9 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
                     if p == g:
                         return 1.0, m
                 elif f" {g} " in f" {p} ":  # whole words: "art" is not in "cartoon"
+                    # another word beside the gold may be a second candidate ("Paris London", "Paris in London")
                     extra = Counter(_content(p)) - Counter(_content(g))
-                    # another name beside the gold is a second candidate ("Paris London", "Paris in London"),
-                    # unless the whole answer is a phrase of the passages ("Barack Obama" for "Obama")
-                    names = set(extra) & _names(pred)
-                    if sum(extra.values()) <= cfg.max_extra_words and (not names or _copied(row, p)):
+                    if not extra or (sum(extra.values()) <= cfg.max_extra_words and _phrase_ok(row, p, pred, extra)):
                         return 1.0, m
                     why = "extra_words"
                 elif m == "sub_em" and f" {p} " in f" {g} ":

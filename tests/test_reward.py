@@ -24,6 +24,8 @@ from reward import (  # noqa: E402
 D = Config()
 T = "<think>Let me read the passages again.</think>\n"  # the prompt prefills <think>; a complete reply closes it
 PUBLIC = replace(D, qa_rule="public")
+PASSAGES = [{"role": "user", "content": "Passage 1: Barack Obama was born in Honolulu. Passage 2: Cities: Paris, "
+                                        "London. The city of Paris lies on the Seine."}]  # a row's prompt, for phrases
 
 
 def qa(*answers, kind="qa"):
@@ -526,7 +528,8 @@ def test_blocks_name_joined_by_a_small_word():
 
 @pytest.mark.parametrize("a,b", [("Paris", "London"), ("Barack Obama", "George Bush"), ("1998", "2005"),
                                  ("three", "four"), ("New York", "Los Angeles"), ("3", "4")])
-def test_no_answer_is_right_for_two_different_golds(a, b):
+@pytest.mark.parametrize("messages", [None, PASSAGES])
+def test_no_answer_is_right_for_two_different_golds(a, b, messages):
     # the invariant behind every hedge guard: one response never earns 1 for two unrelated golds
     joins = [" ", ", ", "; ", "\n", " or ", " and ", "/", " & ", " | ", " (", " - ", " vs ", " then ", " in ", " of ",
              " not ", " but ", " maybe ", " with ", " + ", " i.e. ", " to ", " by ", "'s ", " = ", ": ", " -> ", " ~ ",
@@ -537,7 +540,7 @@ def test_no_answer_is_right_for_two_different_golds(a, b):
         for x, y in ((a, b), (b, a)):
             for w in wraps:
                 resp = T + w % (x + j + y + (")" if j == " (" else ""))
-                if score(qa(a), resp)[0] and score(qa(b), resp)[0]:
+                if score(dict(qa(a), messages=messages), resp)[0] and score(dict(qa(b), messages=messages), resp)[0]:
                     paid.append(resp)
     assert paid == []
     assert score(qa(a), T + f"\\boxed{{{a}}}")[0] == score(qa(b), T + f"\\boxed{{{b}}}")[0] == 1.0
@@ -609,10 +612,20 @@ def test_accepts_short_sentence_after_think():
 
 
 def test_accepts_longer_name_copied_from_the_passages():
-    row = dict(qa("Obama"), messages=[{"role": "user", "content": "Passage 1: Barack Obama was born in Honolulu."}])
+    row = dict(qa("Obama"), messages=PASSAGES)
     assert rr(row, T + "\\boxed{Barack Obama}") == (1.0, "sub_em")
-    assert rr(qa("Obama"), T + "\\boxed{Barack Obama}") == (0.0, "extra_words")  # no passages to copy from
+    assert rr(dict(qa("Paris"), messages=PASSAGES), T + "\\boxed{the city of Paris}") == (1.0, "sub_em")
+    assert rr(qa("Obama"), T + "\\boxed{Barack Obama}") == (0.0, "extra_words")  # no passages: a name beside it
     assert rr(row, T + "\\boxed{Obama Honolulu}") == (0.0, "extra_words")  # two names, not a phrase there
+
+
+def test_blocks_lowercase_hedge_against_the_passages():
+    # with passages, any word beside the gold must come with it from the text, whatever its case
+    for gold in ("Paris", "London"):
+        row = dict(qa(gold), messages=PASSAGES)
+        assert rr(row, T + "\\boxed{paris london}") == (0.0, "extra_words")  # "Paris, London" is two clauses there
+        assert rr(row, T + "\\boxed{paris in london}") == (0.0, "extra_words")
+    assert rr(dict(qa("Paris"), messages=PASSAGES), T + "\\boxed{Paris city}") == (0.0, "extra_words")
 
 
 def test_accepts_thousands_separator():
