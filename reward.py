@@ -391,7 +391,7 @@ def _names(s: str) -> set[str]:
     return out
 
 
-_CLAUSE = re.compile(r"[,;:.!?()\[\]\n]+")  # a copied phrase lies inside one clause: "Paris, London" is no phrase
+_CLAUSE = re.compile(r"[,;:!?()\[\]\n]|\.(?!\S)")  # a copied phrase lies inside one clause: "Paris, London" is none
 
 
 @lru_cache(maxsize=16)  # a prompt is scored G times in a row
