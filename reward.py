@@ -110,6 +110,7 @@ _ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")  # DAPO's math answer li
 _WRAPPER = re.compile(r"\\(?:text[a-z]*|math(?:rm|bf|it|sf|tt|normal)|mbox|hbox|emph|underline|operatorname)\s*"
                       r"\{([^{}]*)\}|\{\\(?:bf|it|em|rm|sc|tt|sf)\s+([^{}]*)\}")
 _SPACES = re.compile(r"\\[ ,;:!]|~")
+_BRACE = re.compile(r"\\.|[{}]", re.S)  # \{ and \} are literal braces, not grouping
 
 
 def _box(s: str, i: int) -> tuple[str | None, int]:
@@ -118,19 +119,15 @@ def _box(s: str, i: int) -> tuple[str | None, int]:
     while j < len(s) and s[j] in " \t":
         j += 1
     if j < len(s) and s[j] == "{":
-        depth, k = 0, j
-        while k < len(s):
-            c = s[k]
-            if c == "\\":  # \{ and \} are literal braces, not grouping
-                k += 2
-                continue
+        depth = 0
+        for m in _BRACE.finditer(s, j):
+            c = m.group()
             if c == "{":
                 depth += 1
             elif c == "}":
                 depth -= 1
                 if depth == 0:
-                    return s[j + 1 : k], k + 1
-            k += 1
+                    return s[j + 1 : m.start()], m.end()
         return None, len(s)
     if j == i:  # "\boxed5": not a box
         return None, i
@@ -172,13 +169,14 @@ def _final(text: str, kind: str | None, join: bool) -> tuple[str | None, str, in
     if found:
         if found[-1] is None:  # cut mid-box: no answer
             return None, "none", 0
-        seen: dict[str, str] = {}
+        seen: dict[str, str] = {}  # key -> the first box written with it
+        last = None
         for b in found:
-            if b is not None and _key(b):
-                seen.setdefault(_key(b), b)
-        if not seen:
+            if b is not None and (key := _key(b)):
+                seen.setdefault(key, b)
+                last = b
+        if last is None:
             return clean(found[-1]), "box", 0
-        last = next(b for b in reversed(found) if b is not None and _key(b))
         return (", ".join(map(clean, seen.values())) if join else clean(last)), "box", len(seen)
     if kind == "math":  # DAPO: the box, else the "Answer:" line of the tail; nothing else
         lines = _ANSWER_LINE.findall(region[-300:])
