@@ -1,4 +1,4 @@
-"""Evaluation (LOONGRL.md 7): LongBench v1 QA, RULER, needle grid, MMLU, MATH-500, IFEval, beside the paper's scores.
+"""Evaluation as in the LoongRL paper: LongBench v1 QA, RULER, needle grid, MMLU, MATH-500, IFEval, beside its scores.
 
     python eval.py --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=2 --max_new_tokens=8  # tiny, CPU
     python eval.py --model=Qwen/Qwen2.5-7B-Instruct --engine=vllm --data_dir=data/eval --out_dir=runs/eval/qwen7b
@@ -11,14 +11,20 @@ Benchmarks (--benchmarks, comma separated) and their files under --data_dir:
              words need nothing; ruler/PaulGrahamEssays.json adds the essay-haystack needles, ruler/squad.json and
              ruler/hotpotqa.json the QA tasks, ruler/english_words.json RULER's large word list (CWE at 128K)
   niah       needle-in-a-haystack grid (--niah_lengths x --niah_depths) and niah/heatmap.png
-  mmlu       mmlu/*_test.csv (the official tarball's data/test) or mmlu/test.{jsonl,parquet} (question, choices, answer)
+  mmlu       mmlu/*_test.csv + *_dev.csv (the official tarball's data/test, data/dev; flat or in test/, dev/) or
+             mmlu/{test,dev}.{jsonl,parquet} (subject, question, choices, answer); --mmlu_protocol: standard (5-shot
+             from dev, "Answer:" + letter, lm-eval's template), trained (0-shot, boxed letter) or both
   math500    math500/test.jsonl (problem, answer)
   ifeval     ifeval/input_data.jsonl (key, prompt, instruction_id_list, kwargs), checked by lm-eval's IFEval code
 
 --prompt_style=longbench: each benchmark's own prompt inside the model's chat template (RULER's answer prefix starts
 the reply); train: the training format (system prompt, `<think>` prefill, \\boxed{} answer, scored on the box).
+A RULER / needle item at length L fills L minus RULER's tokens_to_generate in both styles; the train style's reply
+adds think_tokens on top (window L + think_tokens).
+Every file, task name, length and dependency is checked before the model loads (one `error:` line per problem).
 Outputs in --out_dir: <benchmark>/preds.jsonl (appended batch by batch; a rerun generates only the missing ids),
-scores.json and results.md (our row beside the paper's rows for the same benchmarks).
+run.json (the settings behind each benchmark's predictions), scores.json and results.md, merged with earlier runs
+into the same out_dir (our rows beside the paper's, the settings behind each column).
 """
 from __future__ import annotations
 
@@ -581,7 +587,7 @@ def general_rows(bench: str, cfg: Config) -> dict:
             short = sorted({r["subject"] for r in test if len(dev.get(r["subject"], [])) < 5})
             if short:
                 raise DataError(f"{d}: the standard protocol needs 5 dev questions per subject ({{subject}}_dev.csv "
-                                f"or dev.jsonl); too few for {', '.join(short[:5])}" + (" ..." if len(short) > 5 else ""))
+                                f"or dev.jsonl); too few for {', '.join(short[:5])}{' ...' if len(short) > 5 else ''}")
         return {"test": test, "dev": dev}
     path = d / GENERAL_FILES[bench]
     if not path.exists():
@@ -787,6 +793,10 @@ def _md(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join([r[0]] + [_fmt(x) for x in r[1:]]) + " |" for r in rows])
 
 
+def _needles(n: int) -> str:
+    return f"{n} needle{'s' * (n != 1)}"
+
+
 MMLU_NAMES = {"standard": "MMLU 5-shot standard", "trained": "MMLU 0-shot trained format"}
 
 
@@ -836,7 +846,7 @@ def table(scores: dict, name: str) -> str:
             ["model", "Gen. avg", "MMLU", "MATH-500", "IFEval"], ours + [[m, *v] for m, v in PAPER_GENERAL.items()]))
     if "niah" in scores:
         n = scores["niah"]
-        parts.append(f"Needle in a haystack: {n['task']}, {n.get('samples', '?')} needles per cell (string_match_all "
+        parts.append(f"Needle in a haystack: {n['task']}, {_needles(n.get('samples', 0))} per cell (string_match_all "
                      "x100; rows: depth %, columns: length; niah/heatmap.png)\n\n" + _md(
                          ["depth"] + [_k(L) for L in n["lengths"]],
                          [[f"{d}%", *row] for d, row in zip(n["depths"], n["grid"])]))
@@ -1049,7 +1059,7 @@ def merge(old: dict, new: dict) -> dict:
     out = json.loads(json.dumps(old))
     for bench, s in new.items():
         if bench == "longbench":
-            lb = {k: v for k, v in out.get(bench, {}).items() if k != "avg"} | {k: v for k, v in s.items() if k != "avg"}
+            lb = {k: v for k, v in (out.get(bench, {}) | s).items() if k != "avg"}
             if all(d in lb for d in LB_DATASETS):
                 lb["avg"] = round(sum(lb[d]["f1"] for d in LB_DATASETS) / len(LB_DATASETS), 2)
             out[bench] = lb
@@ -1063,7 +1073,8 @@ def merge(old: dict, new: dict) -> dict:
                 out[bench].get("samples") == s.get("samples"):
             o = out[bench]
             Ls, ds = sorted(set(o["lengths"]) | set(s["lengths"])), sorted(set(o["depths"]) | set(s["depths"]))
-            cell = {(d, L): x for g in (o, s) for d, row in zip(g["depths"], g["grid"]) for L, x in zip(g["lengths"], row)}
+            cell = {(d, L): x for g in (o, s) for d, row in zip(g["depths"], g["grid"])
+                    for L, x in zip(g["lengths"], row)}
             out[bench] = {**s, "lengths": Ls, "depths": ds, "grid": [[cell.get((d, L)) for L in Ls] for d in ds]}
         elif bench in ("mmlu", "settings"):
             out[bench] = out.get(bench, {}) | s
@@ -1079,7 +1090,8 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
     benches, ruler_L, niah_L, window, yarn = (plan[k] for k in ("benches", "ruler_L", "niah_L", "window", "yarn"))
     out, style = Path(cfg.out_dir), cfg.prompt_style
     writer = _rank()[0] == 0
-    name = Path(cfg.model.rstrip("/")).name if cfg.model else "tiny random model"
+    parts = Path(cfg.model.rstrip("/")).parts if cfg.model else ("tiny random model",)
+    name = "/".join(parts[-3:] if parts[-1] == "hf" else parts[-1:])  # runs/7b/stage2/hf -> 7b/stage2/hf
     try:
         if tok is None:
             with tempfile.TemporaryDirectory() as tmp:  # the tiny byte tokenizer is built here, never in the cwd
@@ -1091,7 +1103,8 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
                                   enable_sleep_mode=False, max_batch_seqs=cfg.batch)
             engine = rollout.make_engine(rcfg, cfg.model or rollout.tiny_model(len(tok), cfg.seed), tok)
     except (OSError, ValueError) as e:  # nothing is written yet: a corrected rerun starts clean
-        raise SystemExit(f"error: --model={cfg.model}: loading failed: {str(e).strip().splitlines()[0]}") from None
+        what = f"--model={cfg.model}" + (f" / --tokenizer={cfg.tokenizer}" if cfg.tokenizer else "")
+        raise SystemExit(f"error: {what}: loading failed: {str(e).strip().splitlines()[0]}") from None
     stored, units = dict(plan["stored"]), plan["units"]
 
     def start(unit: str) -> bool:
@@ -1113,9 +1126,10 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
         scores["longbench"] = score_longbench(rows, style)
         reserves = sorted({cfg.think_tokens} if style == "train" else set(LB_MAXLEN.values()))
         scores["settings"]["LongBench"] = common | {
-            "prompt budget": "/".join(f"{lb_budget(tok, cfg, window, r):,}" for r in reserves) + " (cut in the middle)",
+            "prompt budget": "/".join(f"{b:,}" for b in sorted({lb_budget(tok, cfg, window, r) for r in reserves}))
+            + " (cut in the middle)",
             "reply budget": "thinking " + cap(cfg.think_tokens) if style == "train" else
-            "/".join(cap(r) for r in reserves) + " (LongBench's per set)"}
+            "/".join(dict.fromkeys(cap(r) for r in reserves)) + " (LongBench's per set)"}
 
     res, gens = plan.get("res"), "/".join(str(g) for g in sorted({t[2] for t in RULER_TEMPLATES.values()}))
     ruler_reply = ("thinking " + cap(cfg.think_tokens) if style == "train" else
@@ -1185,7 +1199,7 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
         if "niah" in benches:
             n = scores["niah"]
             heatmap(n["grid"], n["lengths"], n["depths"], out / "niah" / "heatmap.png",
-                    f"{name}: {n['task']}, {n['samples']} needles per cell ({style} prompts)")
+                    f"{name}\n{n['task']}, {_needles(n['samples'])} per cell ({style} prompts)")
         atomic_write(out / "scores.json", lambda p: p.write_text(json.dumps(scores, indent=1)))
         md = table(scores, f"{name} ({style} prompts)")
         atomic_write(out / "results.md", lambda p: p.write_text(md))

@@ -744,6 +744,9 @@ def test_resume_key_covers_data_dir_window_and_word_lists(tiny_tok, tmp_path):
     key = json.loads((tmp_path / "out" / "run.json").read_text())["units"]
     assert key["longbench"]["max_model_len"] == 32768 and key["longbench"]["data_dir"] == str(data.resolve())
     assert key["ruler/1500"]["english_words.json"] is False
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| LongBench | longbench | 31,500 (cut in the middle) | 32/128 (LongBench's per set) | 32,768 | off |" in md
+    assert "| RULER 1500 | longbench | 1,500 minus tokens_to_generate (30/32/50/120/128) | RULER's tokens_to_generate |" in md
     with pytest.raises(SystemExit, match=r"longbench predictions were made with max_model_len=32768 \(now 20000\)"):
         ev.evaluate(dataclasses.replace(cfg, max_model_len=20000), engine=engine, tok=tiny_tok)
     (data / "ruler" / "english_words.json").write_text(json.dumps({"0": "apple", "1": "pear"}))
