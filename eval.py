@@ -507,9 +507,12 @@ def ruler_items(task: str, L: int, tok, cfg: Config, res: dict, depth: int | Non
 
 # ----------------------------------------------------------------------------- general benchmarks
 def _mmlu_files(d: Path, split: str) -> list[Path]:
-    return ([*sorted(d.glob(f"*_{split}.csv")), *sorted(d.glob(f"{split}/*_{split}.csv"))]
-            or [p for p in (d / f"{split}.jsonl", d / f"{split}.parquet", *sorted(d.glob(f"{split}-*.parquet")))
-                if p.exists()][:1])
+    """The first layout present: official CSVs (flat or in split/), split.jsonl, split.parquet, parquet shards."""
+    for files in ([*sorted(d.glob(f"*_{split}.csv")), *sorted(d.glob(f"{split}/*_{split}.csv"))],
+                  [d / f"{split}.jsonl"], [d / f"{split}.parquet"], sorted(d.glob(f"{split}-*.parquet"))):
+        if files and all(f.exists() for f in files):
+            return files
+    return []
 
 
 def mmlu_rows(d: Path, split: str = "test") -> list[dict]:
@@ -1026,8 +1029,8 @@ def check(cfg: Config, load_model: bool = True) -> dict:
         if bench in benches:
             try:
                 plan["rows"][bench] = general_rows(bench, cfg)
-            except (DataError, UnicodeDecodeError) as e:
-                problems.append(str(e))
+            except (DataError, UnicodeDecodeError, csv.Error) as e:
+                problems.append(f"{bench}: {e}" if isinstance(e, csv.Error) else str(e))
     if "ifeval" in plan["rows"]:
         problems += ifeval_problems(plan["rows"]["ifeval"]["test"])
     # predictions are only reusable when everything that shapes their prompts or replies is unchanged

@@ -816,6 +816,15 @@ def test_mmlu_both_protocols_side_by_side(tiny_tok, tmp_path):
     assert "| MMLU (standard) | 5-shot raw text (lm-eval mmlu) | – | 16 (first line read) |" in md
 
 
+def test_mmlu_tarball_layout_reads_like_the_flat_one(tmp_path):
+    for split in ("test", "dev"):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        src = FIX / "mmlu" / f"abstract_algebra_{split}.csv"
+        (tmp_path / "mmlu" / split / src.name).write_text(src.read_text())
+    nested = ev.general_items("mmlu", ev.Config(data_dir=str(tmp_path)))
+    assert nested == ev.general_items("mmlu", ev.Config(data_dir=str(FIX))) and len(nested) == 6
+
+
 def test_mmlu_limit_is_per_subject(tmp_path):
     d = tmp_path / "mmlu"
     d.mkdir()
