@@ -663,7 +663,7 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
                        timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: --ruler_lengths: '1k' is not a length in tokens (write 4096, not 4k)"]
-    assert not (tmp_path / "out").exists() and not (Path(ev.__file__).parent / "data" / "tiny-tokenizer").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_ifeval_needs_nltk_data_for_sentence_checks(tmp_path, monkeypatch):
@@ -684,7 +684,8 @@ def test_ifeval_needs_nltk_data_for_sentence_checks(tmp_path, monkeypatch):
                             "python -c \"import nltk; nltk.download('punkt')\"")
 
 
-def test_bad_model_leaves_nothing_that_refuses_the_rerun(tmp_path):
+def test_bad_model_leaves_nothing_that_refuses_the_rerun(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")  # passes the folder check, fails to load
@@ -695,6 +696,7 @@ def test_bad_model_leaves_nothing_that_refuses_the_rerun(tmp_path):
     assert not (tmp_path / "out" / "run.json").exists()
     s = ev.evaluate(cfg)  # the tiny random model, same out_dir
     assert set(s["ruler"]["1024"]) == {"niah_single_1", "avg"}
+    assert not (tmp_path / "data").exists()  # its byte tokenizer was built in a temporary folder, not in the cwd
 
 
 # ----------------------------------------------------------------------------- issue 13: merging and resume keys
