@@ -275,26 +275,162 @@ def check(cfg: Config, run: Path) -> None:
     print(f"check: preset {cfg.preset} ready")
 
 
+def read_log(path: Path) -> tuple[dict[int, dict], list[int]]:
+    """grpo.py's log.jsonl by step (a resumed step logs twice: the last record wins) and the numbers of the lines
+    skipped: a torn last line after a crash, or anything else that is not a step record."""
+    steps, bad = {}, []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            steps[rec["step"]] = rec
+        elif line.strip():
+            bad.append(n)
+    return steps, bad
+
+
+STAGE_NAMES = ("warmup", "stage1", "stage2")
+CURVES = (("reward", "mean reward"), ("response_len", "response length (tokens)"),
+          ("keychain/names_real", 'KeyChain: "names the real question" rate'), ("clip_frac", "clip fraction"))
+
+
+def plot_training(logs: dict[str, dict[int, dict]], path: Path) -> None:
+    """Four panels over steps, the stages one after another (shaded, labelled): reward, response length, how often
+    a KeyChain reply names the real question (dashed: a distractor), clip fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex=True)
+    start = 0
+    for i, (stage, steps) in enumerate(logs.items()):
+        xs = [start + k for k in sorted(steps)]
+        color = f"C{i}"
+        for ax, (key, title) in zip(axes.flat, CURVES):
+            pts = [(x, steps[k][key]) for x, k in zip(xs, sorted(steps)) if key in steps[k]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, color=color, label=stage)
+            if key == "keychain/names_real":
+                pts = [(x, steps[k]["keychain/names_distractor"]) for x, k in zip(xs, sorted(steps))
+                       if "keychain/names_distractor" in steps[k]]
+                if pts:
+                    ax.plot(*zip(*pts), ls="--", color=color, alpha=0.6, label=f"{stage}: names a distractor")
+            ax.set_title(title, fontsize=10)
+            if i % 2:
+                ax.axvspan(start + 0.5, start + max(steps, default=0) + 0.5, color="0.93", zorder=0)
+        start += max(steps, default=0)
+    for ax in axes[1]:
+        ax.set_xlabel("training step (the stages one after another)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    axes[1][0].set_ylim(-0.03, 1.03)  # a rate
+    axes[0][0].legend(fontsize=8)
+    if axes[1][0].lines:
+        axes[1][0].legend(fontsize=7)
+    fig.suptitle("training curves per stage (grpo.py log.jsonl)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_mining(counts: dict[str, tuple[int, int]], path: Path) -> None:
+    """Stage I items by how many of their G samples were right, one bar segment per source; k = G is dropped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = max(n for n, _ in counts.values())
+    by_src: dict[str, list[int]] = {}
+    for rid, (n, k) in counts.items():
+        by_src.setdefault(rid.split("-", 1)[0], [0] * (g + 1))[round(k * g / n) if n else 0] += 1
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bottom = [0] * (g + 1)
+    for src, hist in sorted(by_src.items()):
+        ax.bar(range(g + 1), hist, bottom=bottom, label=src)
+        bottom = [a + b for a, b in zip(bottom, hist)]
+    for k, total in enumerate(bottom):
+        ax.text(k, total, str(total), ha="center", va="bottom", fontsize=8)
+    ax.axvspan(g - 0.5, g + 0.5, color="0.85", zorder=0)
+    ax.set_xticks(range(g + 1), [f"{k}/{g}" for k in range(g + 1)])
+    ax.set_xlabel(f"times solved out of G={g} (grey: solved every time, dropped from Stage II)")
+    ax.set_ylabel("Stage I items")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"hard mining: {len(counts)} items, {len(counts) - bottom[g]} kept for Stage II", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def summary(run: Path) -> str:
-    lines = [f"# {run}", "", "| stage | rows | steps | reward first 3 | reward last 3 | done |", "|---|---|---|---|---|---|"]
-    for stage in ("warmup", "stage1", "stage2"):
+    """summary.md: per stage rows, steps, reward, optimizer steps and dropped groups; plots/training.png and
+    plots/mining.png; the mining report and eval/results.md. Lines that cannot be read are skipped and named."""
+    if not run.is_dir():
+        raise SystemExit(f"error: run dir {run} does not exist")
+    lines = [f"# {run}", "", "| stage | rows | steps | reward first 3 | reward last 3 | optimizer steps | "
+             "dropped groups | done |", "|---|---|---|---|---|---|---|---|"]
+    logs, notes = {}, []
+    mean = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "-"  # noqa: E731
+    for stage in STAGE_NAMES:
         data, log = run / "data" / f"{stage}.jsonl", run / stage / "log.jsonl"
         n = sum(1 for _ in open(data)) if data.exists() else 0
-        steps = {}
-        if log.exists():
-            for line in log.read_text().splitlines():
-                rec = json.loads(line)
-                steps[rec["step"]] = rec["reward"]  # a resumed step logs twice: keep the last
-        rew = [steps[k] for k in sorted(steps)]
-        mean = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "-"  # noqa: E731
-        lines.append(f"| {stage} | {n} | {len(rew)} | {mean(rew[:3])} | {mean(rew[-3:])} | "
+        steps, bad = read_log(log) if log.exists() else ({}, [])
+        if bad:
+            notes.append(f"{log}: skipped line(s) {', '.join(map(str, bad))} (torn by a crash, or not a step record)")
+        if steps:
+            logs[stage] = steps
+        recs = [steps[k] for k in sorted(steps)]
+        rew = [r.get("reward", 0.0) for r in recs]
+        has = lambda key: recs and all(key in r for r in recs)  # noqa: E731
+        opt = str(sum(r["optimizer_steps"] for r in recs)) if has("optimizer_steps") else "-"
+        drop = (f"{sum(r['dropped_groups'] for r in recs)} of {sum(r['groups'] for r in recs)}"
+                if has("dropped_groups") and has("groups") else "-")
+        lines.append(f"| {stage} | {n} | {len(rew)} | {mean(rew[:3])} | {mean(rew[-3:])} | {opt} | {drop} | "
                      f"{'yes' if (run / stage / 'hf').exists() else 'no'} |")
+    lines += ["", "optimizer steps: AdamW updates (0 when every group of every step had equal rewards); dropped "
+              "groups: prompts whose G rewards were all equal, of all prompts drawn."]
+    counts: dict[str, tuple[int, int]] = {}
+    cpath = run / "mining" / "counts.jsonl"
+    if cpath.exists():
+        for n, line in enumerate(cpath.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                rec = json.loads(line)
+                counts[str(rec["id"])] = (int(rec["n"]), int(rec["k"]))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if line.strip():
+                    notes.append(f"{cpath}: skipped line {n} (not an id, n, k record)")
+    plots = []
+    try:
+        if logs:
+            (run / "plots").mkdir(exist_ok=True)
+            plot_training(logs, run / "plots" / "training.png")
+            plots.append("![training curves: reward, response length, KeyChain question naming, clip fraction]"
+                         "(plots/training.png)")
+        if counts and max(n for n, _ in counts.values()) > 0:
+            (run / "plots").mkdir(exist_ok=True)
+            plot_mining(counts, run / "plots" / "mining.png")
+    except ImportError:
+        notes.append("no plots: matplotlib is not installed (pip install matplotlib)")
+    lines += ["", *plots] if plots else []
     rep = run / "mining" / "report.json"
     if rep.exists():
-        lines += ["", "Hard mining (Stage I items, G samples each):", "", report_table(json.loads(rep.read_text()))]
+        try:
+            lines += ["", "Hard mining (Stage I items, G samples each):", "", report_table(json.loads(rep.read_text()))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            notes.append(f"{rep}: skipped (not a mining report)")
+    if (run / "plots" / "mining.png").exists() and counts:
+        lines += ["", "![hard mining: Stage I items by times solved](plots/mining.png)"]
     ev = run / "eval" / "results.md"
     if ev.exists():
         lines += ["", "Evaluation:", "", ev.read_text().strip()]
+    if notes:
+        lines += ["", "Skipped while reading:", "", *[f"- {x}" for x in notes]]
+        for x in notes:
+            print(f"summary: {x}", file=sys.stderr)
     text = "\n".join(lines) + "\n"
     keychain.atomic_write(run / "summary.md", lambda tmp: tmp.write_text(text))
     return text

@@ -1,4 +1,4 @@
-"""Evaluation (LOONGRL.md 7): LongBench v1 QA, RULER, needle grid, MMLU, MATH-500, IFEval, beside the paper's scores.
+"""Evaluation as in the LoongRL paper: LongBench v1 QA, RULER, needle grid, MMLU, MATH-500, IFEval, beside its scores.
 
     python eval.py --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=2 --max_new_tokens=8  # tiny, CPU
     python eval.py --model=Qwen/Qwen2.5-7B-Instruct --engine=vllm --data_dir=data/eval --out_dir=runs/eval/qwen7b
@@ -11,14 +11,20 @@ Benchmarks (--benchmarks, comma separated) and their files under --data_dir:
              words need nothing; ruler/PaulGrahamEssays.json adds the essay-haystack needles, ruler/squad.json and
              ruler/hotpotqa.json the QA tasks, ruler/english_words.json RULER's large word list (CWE at 128K)
   niah       needle-in-a-haystack grid (--niah_lengths x --niah_depths) and niah/heatmap.png
-  mmlu       mmlu/*_test.csv (the official tarball's data/test) or mmlu/test.{jsonl,parquet} (question, choices, answer)
+  mmlu       mmlu/*_test.csv + *_dev.csv (the official tarball's data/test, data/dev; flat or in test/, dev/) or
+             mmlu/{test,dev}.{jsonl,parquet} (subject, question, choices, answer); --mmlu_protocol: standard (5-shot
+             from dev, "Answer:" + letter, lm-eval's template), trained (0-shot, boxed letter) or both
   math500    math500/test.jsonl (problem, answer)
   ifeval     ifeval/input_data.jsonl (key, prompt, instruction_id_list, kwargs), checked by lm-eval's IFEval code
 
 --prompt_style=longbench: each benchmark's own prompt inside the model's chat template (RULER's answer prefix starts
 the reply); train: the training format (system prompt, `<think>` prefill, \\boxed{} answer, scored on the box).
+A RULER / needle item at length L fills L minus RULER's tokens_to_generate in both styles; the train style's reply
+adds think_tokens on top (window L + think_tokens).
+Every file, task name, length and dependency is checked before the model loads (one `error:` line per problem).
 Outputs in --out_dir: <benchmark>/preds.jsonl (appended batch by batch; a rerun generates only the missing ids),
-scores.json and results.md (our row beside the paper's rows for the same benchmarks).
+run.json (the settings behind each benchmark's predictions), scores.json and results.md, merged with earlier runs
+into the same out_dir (our rows beside the paper's, the settings behind each column).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import random
 import re
 import string
 import sys
+import tempfile
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -55,7 +62,7 @@ class Config:
     benchmarks: str = "longbench,ruler"  # longbench, ruler, niah, mmlu, math500, ifeval
     prompt_style: str = "longbench"  # longbench (each benchmark's own templates) | train (system prompt, <think>, box)
     max_length: int = 31500  # LongBench middle-truncation budget in tokens (LongBench's value for 32K models)
-    max_model_len: int = 0  # engine context; 0 = max(32768, longest RULER / needle length)
+    max_model_len: int = 0  # engine context; 0 = max(32768, longest RULER / needle length (+ think_tokens in train))
     rope_yarn_factor: float = -1.0  # -1 = 4.0 when max_model_len > 32768 (Qwen2.5's YaRN recipe), else off; 0 = off
     think_tokens: int = 4096  # new tokens in the train style and for MMLU / MATH-500 / IFEval (paper: 4096)
     max_new_tokens: int = 0  # > 0 caps every generation (smoke runs); prompt budgets keep the real reserve
@@ -65,7 +72,8 @@ class Config:
     niah_lengths: str = ""  # empty = ruler_lengths
     niah_depths: int = 11  # depths 0%, 10%, ..., 100%
     niah_samples: int = 4  # needles per grid cell
-    limit: int = 0  # first N items of every file (0 = all)
+    limit: int = 0  # first N items of every file; MMLU: of every subject (0 = all)
+    mmlu_protocol: str = "both"  # standard (5-shot from dev, "Answer:" + letter) | trained (0-shot, boxed) | both
     batch: int = 32  # prompts per engine call; every finished batch is appended to preds.jsonl
     tp: int = 1  # vLLM tensor parallel (tp > 1: launch with torchrun --nproc_per_node=tp)
     gpu_memory_utilization: float = 0.9
@@ -210,14 +218,18 @@ def _cap(cfg: Config, n: int) -> int:
 
 
 # ----------------------------------------------------------------------------- LongBench
+def lb_budget(tok, cfg: Config, max_model_len: int, reserve: int) -> int:
+    """LongBench truncates the bare prompt to max_length; capped so template + prompt + reply fit the engine."""
+    overhead = count_tokens(tok, [render(tok, "", cfg.prompt_style)])[0]
+    return min(cfg.max_length, max_model_len - reserve - overhead)
+
+
 def longbench_items(path: Path, tok, cfg: Config, max_model_len: int) -> tuple[list[dict], int]:
     """Items of one LongBench(-E) jsonl file (dataset from the file name) and their max new tokens."""
     name = path.stem
     dataset = name[:-2] if name.endswith("_e") else name
     reserve = cfg.think_tokens if cfg.prompt_style == "train" else LB_MAXLEN[dataset]
-    # LongBench truncates the bare prompt to max_length; cap it so template + prompt + reply fit the engine
-    overhead = count_tokens(tok, [render(tok, "", cfg.prompt_style)])[0]
-    budget = min(cfg.max_length, max_model_len - reserve - overhead)
+    budget = lb_budget(tok, cfg, max_model_len, reserve)
     items = []
     for i, rec in read_records(path):
         if cfg.limit and len(items) >= cfg.limit:
@@ -252,11 +264,13 @@ def ruler_resources(data_dir: Path, seed: int) -> dict:
         print("eval: wonderwords is not installed; RULER keys and CWE words are procedural")
         nouns, adjs = [a + b for a in SYL for b in SYL], [a + b + "ic" for a in SYL for b in SYL[:10]]
         verbs = [a + b + "ate" for a in SYL for b in SYL[10:]]
+        res["procedural_words"] = True
     res["adjs"], res["nouns"] = adjs, nouns
     words = sorted(set(nouns + adjs + verbs))
     random.Random(seed).shuffle(words)
     res["cwe_words"] = words
     big = d / "english_words.json"  # RULER's larger list, used when a CWE context needs more distinct words
+    res["english_words"] = big.exists()
     res["big_words"] = (list(json.loads(big.read_text()).values()) if big.exists()
                         else sorted({a + b + c for a in SYL for b in SYL for c in SYL} - set(words)))
     for f in ("PaulGrahamEssays.json", "essay.txt"):
@@ -452,12 +466,15 @@ def fit(tokens: Callable[[int], int], budget: int, lo: int = MIN_HAY) -> int | N
 
 def ruler_items(task: str, L: int, tok, cfg: Config, res: dict, depth: int | None = None,
                 samples: int = 0, tag: str = "") -> tuple[list[dict], int]:
-    """RULER items of one task at total length L: rendered prompt + reserved reply tokens <= L, deterministic per id.
+    """RULER items of one task at length L, deterministic per id: the rendered prompt fills L minus RULER's own
+    tokens_to_generate in both styles; the reply may take that many tokens (longbench) or the thinking budget
+    (train: the engine window is then L + think_tokens), so "RULER 16K" is a 16K context either way.
 
     The haystack size is searched once (sample 0) and lowered per sample until its prompt fits, as RULER does."""
     kind, args = RULER_TASKS[task]
     template, prefix, gen_tokens = RULER_TEMPLATES[kind]
     reserve = cfg.think_tokens if cfg.prompt_style == "train" else gen_tokens
+    budget = L - gen_tokens
     if kind == "variable_tracking" and ("vt_icl", L) not in res:  # the one-shot example: about 500 raw tokens
         rng_of = lambda: random.Random(f"{cfg.seed}/vt-icl")  # noqa: E731
         k = fit(lambda n: count_tokens(tok, [_vt_text(rng_of(), n, icl=True)[0]])[0], min(500, L // 8)) or MIN_HAY
@@ -473,14 +490,14 @@ def ruler_items(task: str, L: int, tok, cfg: Config, res: dict, depth: int | Non
         prompt = render(tok, text, cfg.prompt_style, "" if cfg.prompt_style == "train" else pre.lstrip())
         return prompt, text, answers, count_tokens(tok, [prompt])[0]
 
-    n0 = fit(lambda n: build(n, 0)[3], L - reserve)
+    n0 = fit(lambda n: build(n, 0)[3], budget)
     if n0 is None:
         print(f"eval: {task} does not fit in {L} tokens; skipped")
         return [], reserve
     items = []
     for i in range(samples or cfg.num_samples):
         n = n0
-        while (b := build(n, i))[3] > L - reserve and n > MIN_HAY:
+        while (b := build(n, i))[3] > budget and n > MIN_HAY:
             n = max(MIN_HAY, n - max(1, n0 // 50))
         prompt, text, answers, ntok = b
         items.append({"id": f"{task}/{L}/{tag}{i}", "prompt": prompt, "text": text,
@@ -489,59 +506,159 @@ def ruler_items(task: str, L: int, tok, cfg: Config, res: dict, depth: int | Non
 
 
 # ----------------------------------------------------------------------------- general benchmarks
-def mmlu_rows(d: Path) -> list[dict]:
-    """MMLU from the official CSVs (question, A, B, C, D, answer) or from rows with question / choices / answer."""
+def _mmlu_files(d: Path, split: str) -> list[Path]:
+    """The first layout present: official CSVs (flat or in split/), split.jsonl, split.parquet, parquet shards."""
+    for files in ([*sorted(d.glob(f"*_{split}.csv")), *sorted(d.glob(f"{split}/*_{split}.csv"))],
+                  [d / f"{split}.jsonl"], [d / f"{split}.parquet"], sorted(d.glob(f"{split}-*.parquet"))):
+        if files and all(f.exists() for f in files):
+            return files
+    return []
+
+
+def mmlu_rows(d: Path, split: str = "test") -> list[dict]:
+    """MMLU from the official CSVs ({subject}_{split}.csv: question, A, B, C, D, answer; flat or in {split}/) or
+    from cais/mmlu rows (subject, question, choices, answer) in {split}.jsonl / {split}.parquet / {split}-*.parquet."""
     rows = []
-    for path in sorted(d.glob("*_test.csv")):
-        with open(path, newline="", encoding="utf-8") as f:
-            for i, r in enumerate(csv.reader(f)):
-                if len(r) != 6:
-                    raise DataError(f"{path}: row {i}: expected question, A, B, C, D, answer")
-                rows.append({"id": f"{path.stem[:-5]}/{i}", "question": r[0], "choices": r[1:5], "answer": r[5]})
-    files = [p for p in (d / "test.jsonl", d / "test.parquet", *sorted(d.glob("*.parquet"))) if p.exists()]
-    for i, rec in (read_records(files[0]) if files and not rows else ()):
-        ans = rec["answer"]
-        rows.append({"id": f"{rec.get('subject', 'mmlu')}/{i}", "question": rec["question"],
-                     "choices": list(rec["choices"]), "answer": "ABCD"[ans] if isinstance(ans, int) else str(ans)})
+    for path in _mmlu_files(d, split):
+        if path.suffix == ".csv":
+            subject = path.stem[:-len(split) - 1]
+            with open(path, newline="", encoding="utf-8") as f:
+                for i, r in enumerate(csv.reader(f)):
+                    if len(r) != 6 or r[5].strip().upper() not in ("A", "B", "C", "D"):
+                        raise DataError(f"{path}: row {i}: expected question, A, B, C, D, answer letter")
+                    rows.append({"subject": subject, "i": i, "question": r[0], "choices": r[1:5],
+                                 "answer": r[5].strip().upper()})
+            continue
+        for i, rec in read_records(path):
+            ans = rec.get("answer") if isinstance(rec, dict) else None
+            ans = "ABCD"[ans] if isinstance(ans, int) and 0 <= ans < 4 else str(ans).strip().upper()
+            if (not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or ans not in ("A", "B", "C", "D")
+                    or not isinstance(rec.get("choices"), (list, tuple)) or len(rec["choices"]) != 4):
+                raise DataError(f"{path}: record {i}: MMLU needs question, 4 choices and an answer (0-3 or A-D)")
+            rows.append({"subject": str(rec.get("subject") or "mmlu"), "i": i, "question": rec["question"],
+                         "choices": [str(c) for c in rec["choices"]], "answer": ans})
     return rows
 
 
-def general_items(bench: str, cfg: Config) -> list[dict]:
+# lm-eval's mmlu task (default template, first_n few-shot from dev), itself the Hendrycks et al. prompt
+MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
+
+
+def mmlu_question(r: dict, answer: bool) -> str:
+    text = r["question"].strip() + "".join(f"\n{k}. {c}" for k, c in zip("ABCD", r["choices"])) + "\nAnswer:"
+    return text + (f" {r['answer']}\n\n" if answer else "")
+
+
+def mmlu_standard_prompt(r: dict, dev: list[dict]) -> str:
+    """5-shot: the subject's first five dev questions with their letters, then the question; raw text, no chat
+    template (as Hendrycks' evaluate.py and lm-eval's mmlu)."""
+    return (MMLU_DESCRIPTION.format(r["subject"].replace("_", " ")) + "".join(mmlu_question(d, True) for d in dev[:5])
+            + mmlu_question(r, False))
+
+
+def mmlu_letter(pred: str) -> str:
+    """lm-eval's mmlu_generative reading of a reply: its first line, stripped, punctuation removed, upper case."""
+    first = pred.split("\n", 1)[0].strip()
+    return first.translate(str.maketrans("", "", string.punctuation)).strip().upper()
+
+
+MMLU_STANDARD_NEW = 16  # the letter and a little punctuation; lm-eval stops the same reply at its first newline
+REQUIRED = {"math500": ("problem", "answer"), "ifeval": ("key", "prompt", "instruction_id_list", "kwargs")}
+GENERAL_FILES = {"math500": "test.jsonl", "ifeval": "input_data.jsonl"}
+
+
+def general_rows(bench: str, cfg: Config) -> dict:
+    """The raw rows of one general benchmark, checked (DataError names file and record): MMLU test (first --limit
+    of every subject) and dev rows; MATH-500 / IFEval records (first --limit)."""
     d = Path(cfg.data_dir) / bench
+    if bench == "mmlu":
+        test = mmlu_rows(d)
+        if not test:
+            raise DataError(f"{d}: no MMLU test rows ({{subject}}_test.csv, test.jsonl or test.parquet)")
+        if cfg.limit:  # the first N of every subject
+            seen: dict[str, int] = {}
+            kept = []
+            for r in test:
+                seen[r["subject"]] = seen.get(r["subject"], 0) + 1
+                if seen[r["subject"]] <= cfg.limit:
+                    kept.append(r)
+            test = kept
+        dev: dict[str, list[dict]] = {}
+        for r in (mmlu_rows(d, "dev") if "standard" in mmlu_protocols(cfg) else []):
+            dev.setdefault(r["subject"], []).append(r)
+        if "standard" in mmlu_protocols(cfg):
+            short = sorted({r["subject"] for r in test if len(dev.get(r["subject"], [])) < 5})
+            if short:
+                raise DataError(f"{d}: the standard protocol needs 5 dev questions per subject ({{subject}}_dev.csv "
+                                f"or dev.jsonl); too few for {', '.join(short[:5])}{' ...' if len(short) > 5 else ''}")
+        return {"test": test, "dev": dev}
+    path = d / GENERAL_FILES[bench]
+    if not path.exists():
+        raise DataError(f"{path}: not found (see --help)")
+    rows = []
+    for i, rec in read_records(path):
+        if not isinstance(rec, dict) or any(k not in rec for k in REQUIRED[bench]):
+            raise DataError(f"{path}: record {i}: needs {', '.join(REQUIRED[bench])}")
+        rows.append((i, rec))
+    if not rows:
+        raise DataError(f"{path}: no records")
+    return {"test": rows[:cfg.limit] if cfg.limit else rows}
+
+
+def mmlu_protocols(cfg: Config) -> list[str]:
+    return ["standard", "trained"] if cfg.mmlu_protocol == "both" else [cfg.mmlu_protocol]
+
+
+def general_items(bench: str, cfg: Config, rows: dict | None = None) -> list[dict]:
+    """Items with a `user` turn (rendered later in the prompt style) or, for standard MMLU, a raw `prompt`."""
+    rows = rows or general_rows(bench, cfg)
     train = cfg.prompt_style == "train"
     items = []
     if bench == "mmlu":
-        for r in mmlu_rows(d):
-            choices = "\n".join(f"({'ABCD'[k]}) {c}" for k, c in enumerate(r["choices"]))
-            user = f"Question: {r['question'].strip()}\nChoices:{choices}"  # keychain's MathQA (choice) format
-            items.append({"id": r["id"], "user": user + ("" if train else MMLU_SUFFIX),
-                          "meta": {"kind": "choice", "answers": [r["answer"].strip().upper()]}})
+        for proto in mmlu_protocols(cfg):
+            for r in rows["test"]:
+                meta = {"kind": "choice", "answers": [r["answer"]], "protocol": proto, "subject": r["subject"]}
+                if proto == "standard":
+                    items.append({"id": f"5shot/{r['subject']}/{r['i']}", "meta": meta,
+                                  "prompt": mmlu_standard_prompt(r, rows["dev"][r["subject"]])})
+                    continue
+                choices = "\n".join(f"({'ABCD'[k]}) {c}" for k, c in enumerate(r["choices"]))
+                user = f"Question: {r['question'].strip()}\nChoices:{choices}"  # keychain's MathQA (choice) format
+                items.append({"id": f"trained/{r['subject']}/{r['i']}", "user": user + ("" if train else MMLU_SUFFIX),
+                              "meta": meta})
     elif bench == "math500":
-        for i, rec in read_records(d / "test.jsonl"):
+        for i, rec in rows["test"]:
             items.append({"id": str(rec.get("unique_id", i)), "user": rec["problem"] + ("" if train else MATH_SUFFIX),
                           "meta": {"kind": "math", "answers": [str(rec["answer"])]}})
     else:  # ifeval
-        for i, rec in read_records(d / "input_data.jsonl"):
+        for i, rec in rows["test"]:
             items.append({"id": str(rec["key"]), "user": rec["prompt"],
                           "meta": {k: rec[k] for k in ("key", "prompt", "instruction_id_list", "kwargs")}})
-    return items[:cfg.limit] if cfg.limit else items
+    return items
 
 
 # ----------------------------------------------------------------------------- generation, resumable
 def read_preds(path: Path) -> dict[str, dict]:
-    """Finished predictions by id. A line cut short by an interruption is dropped (and removed from the file)."""
+    """Finished predictions by id (the last line of an id wins). A line cut short by an interruption, or one that is
+    not a prediction (no id, not an object), is skipped, reported, and removed from the file."""
     if not path.exists():
         return {}
     text = path.read_text(encoding="utf-8")
-    rows, good = {}, []
-    for line in text.splitlines():
+    rows, good, bad = {}, [], []
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("pred"), str)):
+            bad.append(n)
             continue
         rows[row["id"]] = row
         good.append(line)
-    if text and not text.endswith("\n") or len(good) != len(text.splitlines()):
+    if bad:
+        print(f"eval: {path}: skipped {len(bad)} malformed line(s) ({', '.join(map(str, bad[:5]))}"
+              f"{' ...' if len(bad) > 5 else ''}); they are regenerated")
+    if text and not text.endswith("\n") or bad:
         atomic_write(path, lambda p: p.write_text("".join(g + "\n" for g in good), encoding="utf-8"))
     return rows
 
@@ -564,14 +681,15 @@ def generate(engine, tok, prompts: list[str], max_new: int, seed: int) -> list[t
     return [parts[k % world][k // world] for k in range(len(prompts))]
 
 
-def run(bench: str, items: list[dict], max_new: int, engine, tok, cfg: Config) -> list[dict]:
-    """Predictions for items, in order: those in <out_dir>/<bench>/preds.jsonl are kept, the rest are generated
-    in batches and each finished batch is appended (flushed) before the next starts."""
+def run(bench: str, items: list[dict], max_new: int, engine, tok, cfg: Config, reuse: bool = True) -> list[dict]:
+    """Predictions for items, in order: those in <out_dir>/<bench>/preds.jsonl are kept (reuse: their settings are
+    known to match), the rest are generated in batches and each finished batch is appended (flushed) before the
+    next starts."""
     from tqdm import tqdm
 
     path = Path(cfg.out_dir) / bench / "preds.jsonl"
     writer = _rank()[0] == 0
-    done = read_preds(path) if writer else {}
+    done = read_preds(path) if writer and reuse else {}
     if _rank()[1] > 1:  # rank 0's view, so every rank agrees on what is left (its last flush may be unseen here)
         box = [done]
         dist.broadcast_object_list(box, src=0)
@@ -633,6 +751,21 @@ def ruler_pred(text: str, style: str) -> str:
 
 
 def score_general(bench: str, rows: list[dict], style: str) -> dict:
+    """MMLU: accuracy per protocol (standard: the reply's letter, lm-eval's mmlu_generative match; trained: the boxed
+    letter through reward.py); MATH-500: math-verify on the box; IFEval: lm-eval's checkers."""
+    if bench == "mmlu":
+        out = {}
+        for proto in ("standard", "trained"):
+            rs = [r for r in rows if r["protocol"] == proto]
+            if not rs:
+                continue
+            if proto == "standard":
+                ok = [float(mmlu_letter(r["pred"]) == r["answers"][0]) for r in rs]
+            else:
+                ok = [x for x, _ in reward.score_batch([{"kind": "choice", "answers": r["answers"]} for r in rs],
+                                                       [r["pred"] for r in rs])]
+            out[proto] = {"acc": _pct(ok), "n": len(rs), "subjects": len({r["subject"] for r in rs})}
+        return out
     if bench != "ifeval":
         got = reward.score_batch([{"kind": r["kind"], "answers": r["answers"]} for r in rows],  # plain: no </think>
                                  [r["pred"] if style == "train" else "</think>" + r["pred"] for r in rows])
@@ -655,7 +788,7 @@ def _k(L: int) -> str:
 
 
 def _fmt(x: Any) -> str:
-    return "–" if x is None else f"{x:.1f}"
+    return "–" if x is None else x if isinstance(x, str) else f"{x:.1f}"
 
 
 def _md(header: list[str], rows: list[list]) -> str:
@@ -663,8 +796,16 @@ def _md(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join([r[0]] + [_fmt(x) for x in r[1:]]) + " |" for r in rows])
 
 
+def _needles(n: int) -> str:
+    return f"{n} needle{'s' * (n != 1)}"
+
+
+MMLU_NAMES = {"standard": "MMLU 5-shot standard", "trained": "MMLU 0-shot trained format"}
+
+
 def table(scores: dict, name: str) -> str:
-    """Markdown: for each group of benchmarks we ran, our row (bold) above the paper's rows."""
+    """Markdown: for each group of benchmarks we ran, our row (bold) above the paper's rows; the settings that
+    produced each of our columns at the end."""
     me, parts = f"**{name}**", []
     if "longbench" in scores:
         lb = scores["longbench"]
@@ -692,134 +833,384 @@ def table(scores: dict, name: str) -> str:
         note = f" (ours: mean over {'/'.join(map(str, sorted(tasks)))} of 13 tasks)" if ruler else ""
         parts.append(f"Length generalization: NarrativeQA split (F1), RULER{note}\n\n" + _md(header, [[me, *mine]]
                                                                                               + paper))
+    if ruler:
+        Ls = sorted(int(L) for L in ruler)
+        rows = [[t, *[ruler[str(L)].get(t) for L in Ls]] for t in RULER_TASKS if any(t in ruler[str(L)] for L in Ls)]
+        parts.append("RULER per task (string_match x100; – = not run or skipped)\n\n" + _md(
+            ["task"] + [_k(L) for L in Ls], rows + [["**mean**", *[ruler[str(L)].get("avg") for L in Ls]]]))
     if {"mmlu", "math500", "ifeval"} & scores.keys():
-        g = [scores.get("mmlu", {}).get("acc"), scores.get("math500", {}).get("acc"),
-             scores.get("ifeval", {}).get("prompt_strict")]
-        avg = round(sum(g) / 3, 2) if None not in g else None
+        math_, ife = scores.get("math500", {}).get("acc"), scores.get("ifeval", {}).get("prompt_strict")
+        ours = []
+        for proto, acc in ([(p, v.get("acc")) for p, v in scores.get("mmlu", {}).items()] or [("", None)]):
+            g = [acc, math_, ife]
+            label = f"{me} ({MMLU_NAMES[proto]})" if proto else me
+            ours.append([label, round(sum(g) / 3, 2) if None not in g else None, *g])
         parts.append("General (IFEval: prompt-level strict accuracy)\n\n" + _md(
-            ["model", "Gen. avg", "MMLU", "MATH-500", "IFEval"], [[me, avg, *g]] + [[m, *v] for m, v in
-                                                                                    PAPER_GENERAL.items()]))
+            ["model", "Gen. avg", "MMLU", "MATH-500", "IFEval"], ours + [[m, *v] for m, v in PAPER_GENERAL.items()]))
     if "niah" in scores:
         n = scores["niah"]
-        parts.append("Needle in a haystack (string_match_all x100; rows: depth %, columns: length)\n\n" + _md(
-            ["depth"] + [_k(L) for L in n["lengths"]], [[f"{d}%", *row] for d, row in zip(n["depths"], n["grid"])]))
+        parts.append(f"Needle in a haystack: {n['task']}, {_needles(n.get('samples', 0))} per cell (string_match_all "
+                     "x100; rows: depth %, columns: length; niah/heatmap.png)\n\n" + _md(
+                         ["depth"] + [_k(L) for L in n["lengths"]],
+                         [[f"{d}%", *row] for d, row in zip(n["depths"], n["grid"])]))
+    if scores.get("settings"):
+        cols = ["prompts", "prompt budget", "reply budget", "window", "YaRN"]
+        parts.append("Settings behind each of our columns (tokens)\n\n" + _md(
+            ["column"] + cols, [[c, *[str(v.get(k, "–")) for k in cols]] for c, v in scores["settings"].items()]))
     return "\n\n".join(parts) + "\n"
 
 
-def heatmap(grid: list[list[float | None]], lengths: list[int], depths: list[int], path: Path) -> None:
+def heatmap(grid: list[list[float | None]], lengths: list[int], depths: list[int], path: Path,
+            title: str = "") -> None:
+    """Depth x length grid, green = found; every cell shows its score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1 + 0.4 * len(depths)))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.0 * len(lengths), 1.4 + 0.42 * len(depths)))
     im = ax.imshow([[math.nan if x is None else x for x in row] for row in grid], cmap="RdYlGn", vmin=0, vmax=100,
                    aspect="auto")
+    for k, row in enumerate(grid):
+        for j, x in enumerate(row):
+            ax.text(j, k, "–" if x is None else f"{x:.0f}", ha="center", va="center", fontsize=9,
+                    color="black" if x is None or 25 < x < 85 else "white")
     ax.set_xticks(range(len(lengths)), [_k(L) for L in lengths])
     ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    fig.colorbar(im, ax=ax, label="score")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.colorbar(im, ax=ax, label="score (string_match_all x100)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- driver
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
+# ----------------------------------------------------------------------------- checks, before anything is loaded
+def lengths(name: str, text: str, problems: list[str]) -> list[int]:
+    out = []
+    for x in (x.strip() for x in text.split(",")):
+        if x and (not x.isdigit() or int(x) <= 0):
+            problems.append(f"--{name}: {x!r} is not a length in tokens (write 4096, not 4k)")
+        elif x:
+            out.append(int(x))
+    if not out and not problems:
+        problems.append(f"--{name} is empty")
+    return list(dict.fromkeys(out))
 
 
-def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
-    """Run cfg.benchmarks, write scores.json and results.md under cfg.out_dir, return the scores."""
-    benches = [b for b in cfg.benchmarks.split(",") if b]
-    if unknown := set(benches) - set(BENCHMARKS):
-        raise SystemExit(f"unknown benchmarks {sorted(unknown)}; choose from {BENCHMARKS}")
-    if cfg.prompt_style not in ("longbench", "train"):
-        raise SystemExit("--prompt_style is longbench or train")
-    out, data = Path(cfg.out_dir), Path(cfg.data_dir)
-    ruler_L, niah_L = _ints(cfg.ruler_lengths), _ints(cfg.niah_lengths or cfg.ruler_lengths)
-    long = ruler_L * ("ruler" in benches) + niah_L * ("niah" in benches)
-    max_model_len = cfg.max_model_len or max([32768] + long)
-    yarn = cfg.rope_yarn_factor if cfg.rope_yarn_factor >= 0 else (4.0 if max_model_len > 32768 else 0.0)
-    # predictions are only reusable when everything that shapes a prompt or a reply is unchanged
-    run_key = {k: getattr(cfg, k) for k in ("model", "tokenizer", "prompt_style", "max_length", "think_tokens",
-                                            "max_new_tokens", "seed")} | {"rope_yarn_factor": yarn}
-    if (out / "run.json").exists() and (old := json.loads((out / "run.json").read_text())) != run_key:
-        raise SystemExit(f"{out} holds predictions made with {old}, now {run_key}: use another --out_dir")
-    writer = _rank()[0] == 0
-    if writer:
-        atomic_write(out / "run.json", lambda p: p.write_text(json.dumps(run_key, indent=1)))
-    tok = tok or load_tokenizer(cfg.tokenizer or cfg.model)
-    if engine is None:
-        rcfg = rollout.Config(engine=cfg.engine, model=cfg.model, n=1, temperature=0.0, seed=cfg.seed,
-                              max_prompt_tokens=max_model_len - 1, max_new_tokens=1,  # vLLM: max_model_len in all
-                              rope_yarn_factor=yarn, tp=cfg.tp, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                              enable_sleep_mode=False, max_batch_seqs=cfg.batch)
-        model = cfg.model or rollout.tiny_model(len(tok), cfg.seed)
-        engine = rollout.make_engine(rcfg, model, tok)
-    style, scores = cfg.prompt_style, {}
+def model_problem(flag: str, name: str) -> str:
+    """'' when name is a local model folder or a hub id that resolves; else why not."""
+    if Path(name).is_dir():
+        return "" if (Path(name) / "config.json").exists() or flag == "tokenizer" else \
+            f"--{flag}={name}: the folder has no config.json"
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return f"--{flag}={name}: no such folder (a hub id is owner/name)"
+    try:  # a hub id: its config is cheap to resolve (cache or hub) and proves the name
+        from transformers import AutoConfig
 
+        AutoConfig.from_pretrained(name)
+        return ""
+    except Exception as e:  # noqa: BLE001 - any failure means we cannot start
+        return f"--{flag}={name}: not a local folder, and resolving it on the hub failed: {str(e).splitlines()[0]}"
+
+
+# IFEval instructions whose lm-eval checker needs nltk data (instructions_util.count_sentences, nltk.word_tokenize)
+NLTK_NEEDS = {"length_constraints:number_sentences": "tokenizers/punkt",
+              "change_case:capital_word_frequency": "tokenizers/punkt_tab"}
+
+
+def ifeval_problems(rows: list) -> list[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        return ["ifeval: scored with lm-eval's checkers: pip install 'lm-eval[ifeval]'"]
+    need = sorted({NLTK_NEEDS[i] for _, r in rows for i in r["instruction_id_list"] if i in NLTK_NEEDS})
+    if need and importlib.util.find_spec("nltk") is None:
+        return ["ifeval: lm-eval's checkers need nltk: pip install nltk"]
+    out = []
+    for res in need:
+        import nltk
+
+        try:
+            nltk.data.find(res)
+        except LookupError:
+            out.append(f"ifeval: its {', '.join(i for i, r in NLTK_NEEDS.items() if r == res)} checks need nltk's "
+                       f"{res.split('/')[1]} data: python -c \"import nltk; nltk.download('{res.split('/')[1]}')\"")
+    return out
+
+
+def read_run_json(out: Path) -> tuple[dict, bool]:
+    """The settings key of every unit (benchmark, or benchmark/length) with predictions in out, and whether the
+    file could be read. A malformed file is reported; its predictions are then not reused."""
+    path = out / "run.json"
+    if not path.exists():
+        return {}, True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("format") != 2 or not isinstance(data.get("units"), dict):
+            raise ValueError("not a run record of this eval.py")
+        return data["units"], True
+    except (ValueError, UnicodeDecodeError) as e:
+        print(f"eval: {path}: {str(e).splitlines()[0]}; skipped: predictions under {out} are not reused, and "
+              "scores.json is rewritten from this run")
+        return {}, False
+
+
+def check(cfg: Config, load_model: bool = True) -> dict:
+    """Everything a run needs, checked before anything is loaded or created: one line per problem, then exit.
+    Returns the plan: benchmarks, lengths, RULER tasks and resources, general rows, engine window, unit keys."""
+    problems: list[str] = []
+    benches = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
+    if unknown := [b for b in benches if b not in BENCHMARKS]:
+        problems.append(f"--benchmarks: unknown {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    for flag, val, ok in (("prompt_style", cfg.prompt_style, ("longbench", "train")),
+                          ("mmlu_protocol", cfg.mmlu_protocol, ("standard", "trained", "both")),
+                          ("engine", cfg.engine, ("hf", "vllm"))):
+        if val not in ok:
+            problems.append(f"--{flag}={val}: choose from {', '.join(ok)}")
+    for flag in ("num_samples", "niah_samples", "niah_depths", "batch", "think_tokens", "max_length", "tp"):
+        if getattr(cfg, flag) < 1:
+            problems.append(f"--{flag}={getattr(cfg, flag)}: must be at least 1")
+    for flag in ("limit", "max_new_tokens", "max_model_len"):
+        if getattr(cfg, flag) < 0:
+            problems.append(f"--{flag}={getattr(cfg, flag)}: must be 0 or more")
+    ruler_L = lengths("ruler_lengths", cfg.ruler_lengths, problems) if "ruler" in benches else []
+    niah_L = (lengths("niah_lengths" if cfg.niah_lengths else "ruler_lengths", cfg.niah_lengths or cfg.ruler_lengths,
+                      problems) if "niah" in benches else [])
+    extra = cfg.think_tokens if cfg.prompt_style == "train" else 0  # the train style's reply beside an L context
+    need = max([L + extra for L in ruler_L + niah_L], default=0)
+    window = cfg.max_model_len or max(32768, need)
+    if cfg.max_model_len and cfg.max_model_len < need:
+        problems.append(f"--max_model_len={cfg.max_model_len}: the longest RULER / needle length needs {need}"
+                        + (" (L + think_tokens in the train style)" if extra else ""))
+    yarn = cfg.rope_yarn_factor if cfg.rope_yarn_factor >= 0 else (4.0 if window > 32768 else 0.0)
+    if load_model:
+        problems += [m for flag in ("model", "tokenizer") if getattr(cfg, flag)
+                     and (m := model_problem(flag, getattr(cfg, flag)))]
+    data = Path(cfg.data_dir)
+    plan: dict[str, Any] = {"benches": benches, "ruler_L": ruler_L, "niah_L": niah_L, "window": window, "yarn": yarn,
+                            "rows": {}, "tasks": []}
     if "longbench" in benches:
-        files = [data / "longbench" / f"{d}{e}.jsonl" for d in LB_DATASETS for e in ("", "_e")]
-        files = [f for f in files if f.exists()]
+        files = [f for f in (data / "longbench" / f"{d}{e}.jsonl" for d in LB_DATASETS for e in ("", "_e"))
+                 if f.exists()]
         if not files:
-            raise SystemExit(f"no LongBench files in {data / 'longbench'} (hotpotqa.jsonl, ...; see --help)")
-        rows = []
+            problems.append(f"longbench: no files in {data / 'longbench'} (hotpotqa.jsonl, ...; see --help)")
         for f in files:
-            items, reserve = longbench_items(f, tok, cfg, max_model_len)
-            rows += run("longbench", items, reserve, engine, tok, cfg)
-        scores["longbench"] = score_longbench(rows, style)
-
+            try:
+                recs = [r for _, r in read_records(f)]
+                bad = next((i for i, r in enumerate(recs) if not isinstance(r, dict) or not {"input", "context",
+                            "answers"} <= r.keys() or not isinstance(r["answers"], list)), None)
+                if not recs:
+                    problems.append(f"{f}: no records")
+                elif bad is not None:
+                    problems.append(f"{f}: record {bad}: a LongBench record needs input, context and answers (a list)")
+            except (DataError, UnicodeDecodeError) as e:
+                problems.append(str(e))
+        plan["lb_files"] = files
     if "ruler" in benches or "niah" in benches:
-        res = ruler_resources(data, cfg.seed)
+        try:
+            plan["res"] = ruler_resources(data, cfg.seed)
+        except (DataError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            problems.append(f"{data / 'ruler'}: a resource file is malformed: {e!r}")
     if "ruler" in benches:
-        tasks = list(RULER_TASKS) if cfg.ruler_tasks == "all" else cfg.ruler_tasks.split(",")
+        names = [t.strip() for t in cfg.ruler_tasks.split(",") if t.strip()]
+        if cfg.ruler_tasks == "all":
+            plan["tasks"] = list(RULER_TASKS)
+        elif bad := [t for t in names if t not in RULER_TASKS] or ([] if names else ["(none)"]):
+            problems.append(f"--ruler_tasks: unknown {', '.join(bad)}; valid: all, {', '.join(RULER_TASKS)}")
+        else:
+            plan["tasks"] = names
+            if "res" in plan:
+                problems += [f"--ruler_tasks: {t} needs {data / why}" for t in names
+                             if (why := task_available(t, plan["res"]))]
+    for bench in ("mmlu", "math500", "ifeval"):
+        if bench in benches:
+            try:
+                plan["rows"][bench] = general_rows(bench, cfg)
+            except (DataError, UnicodeDecodeError, csv.Error) as e:
+                problems.append(f"{bench}: {e}" if isinstance(e, csv.Error) else str(e))
+    if "ifeval" in plan["rows"]:
+        problems += ifeval_problems(plan["rows"]["ifeval"]["test"])
+    # predictions are only reusable when everything that shapes their prompts or replies is unchanged
+    common = {k: getattr(cfg, k) for k in ("model", "tokenizer", "prompt_style", "think_tokens", "max_new_tokens",
+                                           "seed")} | {"rope_yarn_factor": yarn, "data_dir": str(data.resolve())}
+    res = plan.get("res", {})
+    words = {"word_list": "procedural" if res.get("procedural_words") else "wonderwords",
+             "english_words.json": bool(res.get("english_words"))}
+    units = {b: dict(common) for b in benches if b in ("mmlu", "math500", "ifeval")}
+    if "longbench" in benches:
+        units["longbench"] = common | {"max_length": cfg.max_length, "max_model_len": window}
+    units |= {f"ruler/{L}": common | words for L in ruler_L} | {f"niah/{L}": common | words for L in niah_L}
+    out = Path(cfg.out_dir)
+    stored, readable = read_run_json(out)
+    for u, key in units.items():
+        if u in stored and stored[u] != key:
+            diff = ", ".join(f"{k}={stored[u].get(k)!r} (now {v!r})" for k, v in key.items() if stored[u].get(k) != v)
+            problems.append(f"{out}: its {u} predictions were made with {diff}: use another --out_dir")
+    if problems:
+        raise SystemExit("\n".join(f"error: {p}" for p in problems))
+    plan.update(units=units, stored=stored, readable=readable)
+    return plan
+
+
+# ----------------------------------------------------------------------------- merging with earlier runs
+def merge(old: dict, new: dict) -> dict:
+    """Earlier scores with this run's on top: LongBench per file, RULER per length and task, needle cells, MMLU per
+    protocol, settings per column; averages recomputed."""
+    out = json.loads(json.dumps(old))
+    for bench, s in new.items():
+        if bench == "longbench":
+            lb = {k: v for k, v in (out.get(bench, {}) | s).items() if k != "avg"}
+            if all(d in lb for d in LB_DATASETS):
+                lb["avg"] = round(sum(lb[d]["f1"] for d in LB_DATASETS) / len(LB_DATASETS), 2)
+            out[bench] = lb
+        elif bench == "ruler":
+            for L, per in s.items():
+                tasks = {k: v for k, v in out.setdefault(bench, {}).get(L, {}).items() if k != "avg"}
+                tasks |= {k: v for k, v in per.items() if k != "avg"}
+                tasks["avg"] = round(sum(tasks.values()) / len(tasks), 2) if tasks else None
+                out[bench][L] = tasks
+        elif bench == "niah" and out.get(bench, {}).get("task") == s["task"] and \
+                out[bench].get("samples") == s.get("samples"):
+            o = out[bench]
+            Ls, ds = sorted(set(o["lengths"]) | set(s["lengths"])), sorted(set(o["depths"]) | set(s["depths"]))
+            cell = {(d, L): x for g in (o, s) for d, row in zip(g["depths"], g["grid"])
+                    for L, x in zip(g["lengths"], row)}
+            out[bench] = {**s, "lengths": Ls, "depths": ds, "grid": [[cell.get((d, L)) for L in Ls] for d in ds]}
+        elif bench in ("mmlu", "settings"):
+            out[bench] = out.get(bench, {}) | s
+        else:
+            out[bench] = s
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
+    """Run cfg.benchmarks; merge the scores into <out_dir>/scores.json and results.md; return the merged scores."""
+    plan = check(cfg, load_model=engine is None)
+    benches, ruler_L, niah_L, window, yarn = (plan[k] for k in ("benches", "ruler_L", "niah_L", "window", "yarn"))
+    out, style = Path(cfg.out_dir), cfg.prompt_style
+    writer = _rank()[0] == 0
+    parts = Path(cfg.model.rstrip("/")).parts if cfg.model else ("tiny random model",)
+    name = "/".join(parts[-3:] if parts[-1] == "hf" else parts[-1:])  # runs/7b/stage2/hf -> 7b/stage2/hf
+    try:
+        if tok is None:
+            with tempfile.TemporaryDirectory() as tmp:  # the tiny byte tokenizer is built here, never in the cwd
+                tok = load_tokenizer(cfg.tokenizer or cfg.model, tmp_dir=tmp)
+        if engine is None:
+            rcfg = rollout.Config(engine=cfg.engine, model=cfg.model, n=1, temperature=0.0, seed=cfg.seed,
+                                  max_prompt_tokens=window - 1, max_new_tokens=1,  # vLLM: max_model_len in all
+                                  rope_yarn_factor=yarn, tp=cfg.tp, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                  enable_sleep_mode=False, max_batch_seqs=cfg.batch)
+            engine = rollout.make_engine(rcfg, cfg.model or rollout.tiny_model(len(tok), cfg.seed), tok)
+    except (OSError, ValueError) as e:  # nothing is written yet: a corrected rerun starts clean
+        what = f"--model={cfg.model}" + (f" / --tokenizer={cfg.tokenizer}" if cfg.tokenizer else "")
+        raise SystemExit(f"error: {what}: loading failed: {str(e).strip().splitlines()[0]}") from None
+    stored, units = dict(plan["stored"]), plan["units"]
+
+    def start(unit: str) -> bool:
+        """Record the unit's settings before its first prediction; True when earlier predictions may be reused."""
+        reuse = plan["stored"].get(unit) == units[unit]
+        if writer and stored.get(unit) != units[unit]:
+            stored[unit] = units[unit]
+            atomic_write(out / "run.json", lambda p: p.write_text(json.dumps({"format": 2, "units": stored}, indent=1)))
+        return reuse
+
+    cap = lambda n: f"{_cap(cfg, n):,}" + (" (--max_new_tokens)" if _cap(cfg, n) < n else "")  # noqa: E731
+    common = {"prompts": style, "window": f"{window:,}", "YaRN": f"x{yarn:g}" if yarn else "off"}
+    scores: dict[str, Any] = {"settings": {}}
+    if "longbench" in benches:
+        reuse, rows = start("longbench"), []
+        for f in plan["lb_files"]:
+            items, reserve = longbench_items(f, tok, cfg, window)
+            rows += run("longbench", items, reserve, engine, tok, cfg, reuse)
+        scores["longbench"] = score_longbench(rows, style)
+        reserves = sorted({cfg.think_tokens} if style == "train" else set(LB_MAXLEN.values()))
+        scores["settings"]["LongBench"] = common | {
+            "prompt budget": "/".join(f"{b:,}" for b in sorted({lb_budget(tok, cfg, window, r) for r in reserves}))
+            + " (cut in the middle)",
+            "reply budget": "thinking " + cap(cfg.think_tokens) if style == "train" else
+            "/".join(dict.fromkeys(cap(r) for r in reserves)) + " (LongBench's per set)"}
+
+    res, gens = plan.get("res"), "/".join(str(g) for g in sorted({t[2] for t in RULER_TEMPLATES.values()}))
+    ruler_reply = ("thinking " + cap(cfg.think_tokens) if style == "train" else
+                   "RULER's tokens_to_generate" + (f" (capped {cfg.max_new_tokens})" if cfg.max_new_tokens else ""))
+    if "ruler" in benches:
         scores["ruler"] = {}
         for L in ruler_L:
-            per = {}
-            for task in tasks:
+            reuse, per = start(f"ruler/{L}"), {}
+            for task in plan["tasks"]:
                 if why := task_available(task, res):
                     print(f"eval: RULER {task} needs {why}; skipped")
                     continue
                 items, reserve = ruler_items(task, L, tok, cfg, res)
-                rows = run("ruler", items, reserve, engine, tok, cfg)
+                rows = run("ruler", items, reserve, engine, tok, cfg, reuse)
                 if rows:
                     per[task] = ruler_metric(task)([ruler_pred(r["pred"], style) for r in rows],
                                                    [r["answers"] for r in rows])
             per["avg"] = round(sum(per.values()) / len(per), 2) if per else None
             scores["ruler"][str(L)] = per
+            scores["settings"][f"RULER {_k(L)}"] = common | {
+                "prompt budget": f"{L:,} minus tokens_to_generate ({gens})", "reply budget": ruler_reply}
 
     if "niah" in benches:
         task = "niah_single_2" if "essay" in res else "niah_single_1"
         depths = [round(100 * k / max(1, cfg.niah_depths - 1)) for k in range(cfg.niah_depths)]
-        grid = [[None] * len(niah_L) for _ in depths]
+        grid: list[list[float | None]] = [[None] * len(niah_L) for _ in depths]
         for j, L in enumerate(niah_L):
+            reuse = start(f"niah/{L}")
             for k, d in enumerate(depths):
                 items, reserve = ruler_items(task, L, tok, cfg, res, depth=d, samples=cfg.niah_samples, tag=f"d{d}/")
-                rows = run("niah", items, reserve, engine, tok, cfg)
+                rows = run("niah", items, reserve, engine, tok, cfg, reuse)
                 if rows:
                     grid[k][j] = reward.string_match_all([ruler_pred(r["pred"], style) for r in rows],
                                                          [r["answers"] for r in rows])
-        scores["niah"] = {"task": task, "lengths": niah_L, "depths": depths, "grid": grid}
-        if writer:
-            heatmap(grid, niah_L, depths, out / "niah" / "heatmap.png")
+            scores["settings"][f"needle {_k(L)}"] = common | {"prompt budget": f"{L:,} minus 128",
+                                                               "reply budget": ruler_reply}
+        scores["niah"] = {"task": task, "samples": cfg.niah_samples, "lengths": niah_L, "depths": depths, "grid": grid}
 
     for bench in ("mmlu", "math500", "ifeval"):
         if bench in benches:
-            items = general_items(bench, cfg)
-            if not items:
-                raise SystemExit(f"no {bench} items under {data / bench} (see --help)")
+            items = general_items(bench, cfg, plan["rows"][bench])
             for it in items:
-                it["prompt"] = render(tok, it.pop("user"), style)
-            scores[bench] = score_general(bench, run(bench, items, cfg.think_tokens, engine, tok, cfg), style)
+                if "user" in it:
+                    it["prompt"] = render(tok, it.pop("user"), style)
+            reuse = start(bench)
+            rows = run(bench, [it for it in items if it["meta"].get("protocol") != "standard"], cfg.think_tokens,
+                       engine, tok, cfg, reuse)
+            rows += run(bench, [it for it in items if it["meta"].get("protocol") == "standard"], MMLU_STANDARD_NEW,
+                        engine, tok, cfg, reuse)
+            scores[bench] = score_general(bench, rows, style)
+            for proto in scores[bench] if bench == "mmlu" else [""]:
+                label = {"mmlu": f"MMLU ({proto})", "math500": "MATH-500", "ifeval": "IFEval"}[bench]
+                scores["settings"][label] = common | (
+                    {"prompts": "5-shot raw text (lm-eval mmlu)", "prompt budget": "–",
+                     "reply budget": f"{MMLU_STANDARD_NEW} (first line read)"} if proto == "standard" else
+                    {"prompt budget": "–", "reply budget": cap(cfg.think_tokens)})
 
     if writer:
-        name = Path(cfg.model.rstrip("/")).name if cfg.model else "tiny random model"
+        old = {}
+        if plan["readable"] and (out / "scores.json").exists():
+            try:
+                old = json.loads((out / "scores.json").read_text(encoding="utf-8"))
+                old = old if isinstance(old, dict) else {}
+            except (ValueError, UnicodeDecodeError) as e:
+                print(f"eval: {out / 'scores.json'}: malformed ({e}); skipped, rewritten from this run")
+        scores = merge(old, scores)
+        if "niah" in benches:
+            n = scores["niah"]
+            heatmap(n["grid"], n["lengths"], n["depths"], out / "niah" / "heatmap.png",
+                    f"{name}\n{n['task']}, {_needles(n['samples'])} per cell ({style} prompts)")
         atomic_write(out / "scores.json", lambda p: p.write_text(json.dumps(scores, indent=1)))
-        md = table(scores, f"{name} ({style} prompts, this run)")
+        md = table(scores, f"{name} ({style} prompts)")
         atomic_write(out / "results.md", lambda p: p.write_text(md))
         print(md + f"\nwrote {out / 'scores.json'} and {out / 'results.md'}")
+    if _rank()[1] > 1:  # every rank returns rank 0's merged scores
+        box = [scores]
+        dist.broadcast_object_list(box, src=0)
+        scores = box[0]
     return scores
 
 

@@ -123,3 +123,73 @@ def test_kill_in_stage_one_then_rerun_resumes(tmp_path):
     assert steps[-1] == 4 and 3 not in steps[:2]
     summary = (run / "summary.md").read_text()
     assert "| stage1 | 42 | 4 |" in summary and "solved 0/G" in summary and (run / "stage2" / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- summary
+def _step(step, reward, opt, dropped, groups=4, **kw):
+    return {"step": step, "reward": reward, "response_len": 100.0 + step, "clip_frac": 0.01 * step,
+            "optimizer_steps": opt, "dropped_groups": dropped, "groups": groups, **kw}
+
+
+def fake_run(run):
+    kc.write_rows(run / "data" / "warmup.jsonl", [{"id": str(i)} for i in range(5)])
+    kc.write_rows(run / "data" / "stage1.jsonl", [{"id": str(i)} for i in range(7)])
+    kc.write_rows(run / "warmup" / "log.jsonl", [_step(1, 0.0, 0, 4), _step(2, 0.5, 1, 2)])
+    names = {"keychain/names_real": 0.25, "keychain/names_distractor": 0.5}
+    # stage1: step 2 ran twice (resumed): the last record counts; a crash tore the last line
+    s1 = [_step(1, 0.1, 2, 1, **names), _step(2, 0.9, 9, 9), _step(2, 0.2, 1, 3, **names),
+          _step(3, 0.3, 2, 0, **names), _step(4, 0.6, 2, 1, **names)]
+    (run / "stage1").mkdir()
+    (run / "stage1" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in s1) + '{"step": 5, "rew')
+    (run / "stage1" / "hf").mkdir()
+    kc.write_rows(run / "mining" / "counts.jsonl", [{"id": "hotpotqa-keychain-1", "n": 8, "k": 0},
+                                                     {"id": "hotpotqa-qa-2", "n": 8, "k": 8},
+                                                     {"id": "dapo-3", "n": 8, "k": 3}, {"id": "dapo-4", "n": 8, "k": 8}])
+
+
+def test_summary_tables_plots_and_torn_lines(tmp_path, capsys):
+    run = tmp_path / "run"
+    fake_run(run)
+    text = cur.summary(run)
+    assert "| warmup | 5 | 2 | 0.250 | 0.250 | 1 | 6 of 8 | no |" in text
+    assert "| stage1 | 7 | 4 | 0.200 | 0.367 | 7 | 5 of 16 | yes |" in text  # rewards 0.1, 0.2, 0.3, 0.6
+    assert "| stage2 | 0 | 0 | - | - | - | - | no |" in text
+    assert f"{run / 'stage1' / 'log.jsonl'}: skipped line(s) 6 (torn by a crash" in text
+    assert "skipped line(s) 6" in capsys.readouterr().err
+    for png in ("training", "mining"):
+        assert f"(plots/{png}.png)" in text
+        assert (run / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "summary.md").read_text() == text
+
+
+def test_summary_plot_contents(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figs.append(fig))
+    run = tmp_path / "run"
+    fake_run(run)
+    cur.summary(run)
+    training, mining = figs
+    reward, length, names, clip = training.axes
+    assert [ln.get_label() for ln in reward.lines] == ["warmup", "stage1"]
+    assert list(reward.lines[1].get_xdata()) == [3, 4, 5, 6]  # Stage I continues after warmup's 2 steps
+    assert list(reward.lines[1].get_ydata()) == [0.1, 0.2, 0.3, 0.6]
+    assert list(names.lines[0].get_ydata()) == [0.25] * 4 and names.lines[1].get_linestyle() == "--"
+    assert list(clip.lines[0].get_ydata()) == [0.01, 0.02]
+    ax = mining.axes[0]
+    heights = [0] * 9
+    for patch in ax.patches:
+        if hasattr(patch, "get_height") and patch.get_width() < 1:
+            heights[round(patch.get_x() + patch.get_width() / 2)] += patch.get_height()
+    assert heights == [1, 0, 0, 1, 0, 0, 0, 0, 2] and "2 kept for Stage II" in ax.get_title()
+
+
+def test_summary_missing_run_dir_is_one_line_and_creates_nothing(tmp_path):
+    run = tmp_path / "nope"
+    with pytest.raises(SystemExit, match=f"^error: run dir {run} does not exist$"):
+        cur.summary(run)
+    r = subprocess.run([sys.executable, "curriculum.py", "summary", f"--run_dir={run}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: run dir {run} does not exist"]
+    assert not run.exists()

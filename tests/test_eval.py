@@ -77,7 +77,7 @@ def res():
 
 
 def cfg_for(tmp_path, **kw) -> ev.Config:
-    return ev.Config(out_dir=str(tmp_path / "out"), data_dir=str(FIX), **kw)
+    return ev.Config(**({"out_dir": str(tmp_path / "out"), "data_dir": str(FIX)} | kw))
 
 
 # ----------------------------------------------------------------------------- LongBench prompts
@@ -215,9 +215,10 @@ def ruler(task, L, tok, res, **kw):
     cfg = dataclasses.replace(ev.Config(num_samples=3), **kw)
     items, reserve = ev.ruler_items(task, L, tok, cfg, res)
     assert len(items) == cfg.num_samples
-    for it in items:  # within budget, and filled close to it
+    gen = ev.RULER_TEMPLATES[ev.RULER_TASKS[task][0]][2]  # RULER's tokens_to_generate, in both prompt styles
+    for it in items:  # within L minus RULER's reply, and filled close to it
         n = count_tokens(tok, [it["prompt"]])[0]
-        assert n == it["meta"]["prompt_tokens"] and n + reserve <= L and n > 0.85 * (L - reserve)
+        assert n == it["meta"]["prompt_tokens"] and n + gen <= L and n > 0.85 * (L - gen)
     return items, reserve
 
 
@@ -355,8 +356,14 @@ def test_ruler_qa(tiny_tok, res, task):
 
 
 def test_ruler_train_style_reserves_the_thinking_budget(tiny_tok, res):
+    """The train style's prompt fills the same L - 128 as the plain style; the thinking budget comes on top."""
     items, reserve = ruler("niah_single_1", 6000, tiny_tok, res, prompt_style="train", think_tokens=1000)
-    assert reserve == 1000
+    plain, plain_reserve = ruler("niah_single_1", 6000, tiny_tok, res)
+    assert reserve == 1000 and plain_reserve == 128
+    for it, p in zip(items, plain):
+        # same haystack size up to the template difference (system prompt vs answer prefix): within 2%
+        assert abs(it["meta"]["prompt_tokens"] - p["meta"]["prompt_tokens"]) < 0.02 * 6000
+        assert 0.98 * (6000 - 128) < it["meta"]["prompt_tokens"] <= 6000 - 128
     for it in items:
         assert it["prompt"] == tiny_tok.apply_chat_template(
             [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": it["text"]}], tokenize=False,
@@ -454,7 +461,8 @@ def test_resume_after_interruption(tiny_tok, hf_engine, tmp_path):
 
     idle = Counting(hf_engine)
     assert ev.evaluate(cut, engine=idle, tok=tiny_tok) == ref_scores and idle.calls == 0  # nothing left to do
-    with pytest.raises(SystemExit, match="holds predictions made with"):  # other settings, same out_dir
+    with pytest.raises(SystemExit, match="longbench predictions were made with prompt_style='longbench' "
+                                         r"\(now 'train'\)"):  # other settings, same out_dir
         ev.evaluate(dataclasses.replace(cut, prompt_style="train"), engine=idle, tok=tiny_tok)
 
 
@@ -512,15 +520,16 @@ def general_answer(prompt: str) -> str:
 
 def test_general_benchmarks(tiny_tok, tmp_path):
     engine = Oracle(tiny_tok, general_answer)
-    s = ev.evaluate(cfg_for(tmp_path, benchmarks="mmlu,math500", think_tokens=64), engine=engine, tok=tiny_tok)
-    assert s["mmlu"] == {"acc": 66.67, "n": 3}  # B, D (answered A), B (from "the answer is")
+    s = ev.evaluate(cfg_for(tmp_path, benchmarks="mmlu,math500", think_tokens=64, mmlu_protocol="trained"),
+                    engine=engine, tok=tiny_tok)
+    assert s["mmlu"] == {"trained": {"acc": 66.67, "n": 3, "subjects": 1}}  # B, D (answered A), B ("the answer is")
     assert s["math500"] == {"acc": 66.67, "n": 3}  # 0.75 == 3/4 by math-verify, 42, 3 != 2
     mmlu = [p for p in engine.prompts if "Q(sqrt(2))" in p][0]
     assert mmlu == chat_user(tiny_tok, "Question: Find the degree for the given field extension Q(sqrt(2)) over Q.\n"
                                        "Choices:(A) 0\n(B) 2\n(C) 1\n(D) 3" + ev.MMLU_SUFFIX)
     assert set(engine.max_new) == {64}
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| **tiny random model (longbench prompts, this run)** | – | 66.7 | 66.7 | – |" in md
+    assert "| **tiny random model (longbench prompts)** (MMLU 0-shot trained format) | – | 66.7 | 66.7 | – |" in md
 
 
 def test_ifeval_through_lm_eval(tiny_tok, tmp_path):
@@ -549,7 +558,7 @@ def test_table_puts_paper_numbers_beside_ours():
     lb["hotpotqa_e"] = {"f1": 1.0, "sub_em": 1.0, "n": 3, "buckets": {"0-4k": 10.0, "4-8k": 20.0, "8k+": None}}
     scores = {"longbench": lb, "ruler": {"16384": {"niah_single_1": 90.0, "vt": 80.0, "avg": 85.0},
                                          "4096": {"niah_single_1": 99.0, "vt": 97.0, "avg": 98.0}},
-              "mmlu": {"acc": 70.0}, "math500": {"acc": 80.0}, "ifeval": {"prompt_strict": 60.0}}
+              "mmlu": {"standard": {"acc": 70.0}}, "math500": {"acc": 80.0}, "ifeval": {"prompt_strict": 60.0}}
     md = ev.table(scores, "ckpt")
     lines = md.splitlines()
     i = lines.index("| model | LC avg | HotpotQA | 2WikiMQA | MuSiQue | NarrQA | Qasper |")
@@ -564,7 +573,9 @@ def test_table_puts_paper_numbers_beside_ours():
     assert "| LoongRL-7B | 69.8 | 47.4 | 57.2 | – | 93.4 | 91.4 | 86.2 | 76.8 |" in lines
     assert "mean over 2 of 13 tasks" in md
     k = lines.index("| model | Gen. avg | MMLU | MATH-500 | IFEval |")
-    assert lines[k + 2] == "| **ckpt** | 70.0 | 70.0 | 80.0 | 60.0 |"
+    assert lines[k + 2] == "| **ckpt** (MMLU 5-shot standard) | 70.0 | 70.0 | 80.0 | 60.0 |"
+    r = lines.index("| task | 4K | 16K |")  # RULER per task, in RULER's task order, then the mean
+    assert lines[r + 2:r + 5] == ["| niah_single_1 | 99.0 | 90.0 |", "| vt | 97.0 | 80.0 |", "| **mean** | 98.0 | 85.0 |"]
     assert "| LoongRL-7B | 75.0 | 76.2 | 78.0 | 70.9 |" in lines
 
 
@@ -573,3 +584,276 @@ def test_cli_help(capsys):
         ev.main(["--help"])
     out = capsys.readouterr().out
     assert "--prompt_style='longbench'" in out and "--max_length=31500" in out and "preds.jsonl" in out
+
+
+# ----------------------------------------------------------------------------- issue 13: train-style lengths
+def boxed_needle(prompt: str) -> str:
+    return "<think>found it</think> \\boxed{" + needle_answer(prompt) + "}"
+
+
+def test_train_style_ruler_fills_the_length_and_widens_the_window(tiny_tok, tmp_path):
+    """At 4K with a 4,096-token thinking budget the train style still builds full 4K items (it built none before),
+    the engine window is L + think_tokens, and results.md says which style and budgets made the column."""
+    engine = Oracle(tiny_tok, boxed_needle)
+    cfg = cfg_for(tmp_path, benchmarks="ruler", ruler_lengths="4096", ruler_tasks="niah_single_1", num_samples=2,
+                  prompt_style="train")
+    s = ev.evaluate(cfg, engine=engine, tok=tiny_tok)
+    assert s["ruler"]["4096"] == {"niah_single_1": 100.0, "avg": 100.0} and set(engine.max_new) == {4096}
+    rows = read_jsonl(tmp_path / "out" / "ruler" / "preds.jsonl")
+    assert len(rows) == 2 and all(0.98 * (4096 - 128) < r["prompt_tokens"] <= 4096 - 128 for r in rows)
+    plan = ev.check(dataclasses.replace(cfg, ruler_lengths="4096,40000", out_dir=str(tmp_path / "o1")), load_model=False)
+    assert plan["window"] == 40000 + 4096 and plan["yarn"] == 4.0
+    plain = ev.check(dataclasses.replace(cfg, prompt_style="longbench", out_dir=str(tmp_path / "o2")), load_model=False)
+    assert plain["window"] == 32768 and plain["yarn"] == 0.0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert ("| RULER 4K | train | 4,096 minus tokens_to_generate (30/32/50/120/128) | thinking 4,096 | 32,768 | off |"
+            in md)
+
+
+# ----------------------------------------------------------------------------- issue 13: checks before loading
+@pytest.mark.parametrize("kw,msg", [
+    (dict(benchmarks="ruler", ruler_tasks="niah_single"),
+     "error: --ruler_tasks: unknown niah_single; valid: all, niah_single_1, niah_single_2, niah_single_3, "),
+    (dict(benchmarks="ruler", ruler_lengths="1k,2048"), "error: --ruler_lengths: '1k' is not a length in tokens"),
+    (dict(benchmarks="niah", niah_lengths="4096,-1"), "error: --niah_lengths: '-1' is not a length in tokens"),
+    (dict(benchmarks="math500", data_dir="EMPTY"), "math500/test.jsonl: not found"),
+    (dict(benchmarks="ifeval", data_dir="EMPTY"), "ifeval/input_data.jsonl: not found"),
+    (dict(benchmarks="longbench", data_dir="EMPTY"), "error: longbench: no files in "),
+    (dict(benchmarks="ruler", ruler_tasks="qa_1", data_dir="EMPTY"), "error: --ruler_tasks: qa_1 needs "),
+    (dict(benchmarks="mmlu,gsm8k"), "error: --benchmarks: unknown gsm8k; choose from longbench, ruler,"),
+    (dict(benchmarks="ruler", ruler_lengths="65536", max_model_len=32768), "the longest RULER / needle length needs"),
+    (dict(benchmarks="ruler", model="no/such/model"), "error: --model=no/such/model: no such folder"),
+])
+def test_bad_input_fails_before_anything_is_created(tmp_path, kw, msg):
+    if kw.get("data_dir") == "EMPTY":
+        kw["data_dir"] = str(tmp_path / "empty")
+    cfg = dataclasses.replace(cfg_for(tmp_path), **kw)
+    with pytest.raises(SystemExit) as e:
+        ev.evaluate(cfg)  # no engine given: it would be loaded only after the checks
+    assert msg in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    cfg = cfg_for(tmp_path, benchmarks="ruler,math500,ifeval", ruler_tasks="vt,nope", data_dir=str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        ev.evaluate(cfg)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3 and all(x.startswith("error: ") for x in lines)
+    assert "nope" in lines[0] and "math500" in lines[1] and "ifeval" in lines[2]
+
+
+def test_empty_and_malformed_files_are_one_line_errors(tmp_path):
+    (tmp_path / "math500").mkdir()
+    (tmp_path / "math500" / "test.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: .*math500/test.jsonl: no records$"):
+        ev.evaluate(cfg_for(tmp_path, benchmarks="math500", data_dir=str(tmp_path)))
+    (tmp_path / "math500" / "test.jsonl").write_text('{"problem": "1+1?"}\n')
+    with pytest.raises(SystemExit, match=r"test.jsonl: record 0: needs problem, answer$"):
+        ev.evaluate(cfg_for(tmp_path, benchmarks="math500", data_dir=str(tmp_path)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "eval.py", "--benchmarks=ruler", "--ruler_lengths=1k",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=Path(ev.__file__).parent, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: --ruler_lengths: '1k' is not a length in tokens (write 4096, not 4k)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_ifeval_needs_nltk_data_for_sentence_checks(tmp_path, monkeypatch):
+    pytest.importorskip("nltk")
+    if ev.ifeval_problems([]) != []:
+        pytest.skip("lm-eval is not installed")
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no-nltk-data")])
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    (tmp_path / "ifeval").mkdir()
+    (tmp_path / "ifeval" / "input_data.jsonl").write_text(json.dumps(
+        {"key": 1, "prompt": "Answer in fewer than 3 sentences.", "instruction_id_list":
+         ["length_constraints:number_sentences"], "kwargs": [{"relation": "less than", "num_sentences": 3}]}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        ev.evaluate(cfg_for(tmp_path, benchmarks="ifeval", data_dir=str(tmp_path)))
+    assert str(e.value) == ("error: ifeval: its length_constraints:number_sentences checks need nltk's punkt data: "
+                            "python -c \"import nltk; nltk.download('punkt')\"")
+
+
+def test_bad_model_leaves_nothing_that_refuses_the_rerun(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # passes the folder check, fails to load
+    cfg = cfg_for(tmp_path, benchmarks="ruler", ruler_lengths="1024", ruler_tasks="niah_single_1", num_samples=1,
+                  max_new_tokens=2)
+    with pytest.raises(SystemExit, match=r"^error: --model=.*broken: loading failed"):
+        ev.evaluate(dataclasses.replace(cfg, model=str(broken)))
+    assert not (tmp_path / "out" / "run.json").exists()
+    s = ev.evaluate(cfg)  # the tiny random model, same out_dir
+    assert set(s["ruler"]["1024"]) == {"niah_single_1", "avg"}
+    assert not (tmp_path / "data").exists()  # its byte tokenizer was built in a temporary folder, not in the cwd
+
+
+# ----------------------------------------------------------------------------- issue 13: merging and resume keys
+def test_reruns_merge_scores_and_tables(tiny_tok, tmp_path):
+    engine = Oracle(tiny_tok, needle_answer)
+    base = cfg_for(tmp_path, benchmarks="ruler", ruler_lengths="2500", num_samples=2)
+    ev.evaluate(dataclasses.replace(base, ruler_tasks="niah_single_1,vt"), engine=engine, tok=tiny_tok)
+    ev.evaluate(cfg_for(tmp_path, benchmarks="math500", think_tokens=64), engine=Oracle(tiny_tok, general_answer),
+                tok=tiny_tok)
+    n = len(engine.prompts)
+    s = ev.evaluate(dataclasses.replace(base, ruler_tasks="fwe,vt"), engine=engine, tok=tiny_tok)
+    assert len(engine.prompts) == n + 2  # fwe only: vt's predictions are reused
+    assert s["ruler"]["2500"] == {"niah_single_1": 100.0, "vt": 0.0, "fwe": 0.0, "avg": 33.33}
+    assert s["math500"] == {"acc": 66.67, "n": 3}  # the other benchmark's scores survive
+    assert json.loads((tmp_path / "out" / "scores.json").read_text()) == s
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| niah_single_1 | 100.0 |" in md and "| fwe | 0.0 |" in md and "MATH-500" in md
+    assert set(s["settings"]) == {"RULER 2500", "MATH-500"}
+
+
+def test_merge_rules():
+    old = {"ruler": {"4096": {"vt": 50.0, "cwe": 10.0, "avg": 30.0}}, "mmlu": {"trained": {"acc": 1.0}},
+           "niah": {"task": "niah_single_1", "samples": 2, "lengths": [1024], "depths": [0, 100],
+                    "grid": [[100.0], [0.0]]}}
+    new = {"ruler": {"4096": {"cwe": 40.0, "avg": 40.0}, "8192": {"vt": 20.0, "avg": 20.0}},
+           "mmlu": {"standard": {"acc": 2.0}},
+           "niah": {"task": "niah_single_1", "samples": 2, "lengths": [2048], "depths": [0, 50],
+                    "grid": [[90.0], [80.0]]}}
+    m = ev.merge(old, new)
+    assert m["ruler"] == {"4096": {"vt": 50.0, "cwe": 40.0, "avg": 45.0}, "8192": {"vt": 20.0, "avg": 20.0}}
+    assert m["mmlu"] == {"trained": {"acc": 1.0}, "standard": {"acc": 2.0}}
+    assert m["niah"]["lengths"] == [1024, 2048] and m["niah"]["depths"] == [0, 50, 100]
+    assert m["niah"]["grid"] == [[100.0, 90.0], [None, 80.0], [0.0, None]]
+    other = dict(new["niah"], task="niah_single_2")
+    assert ev.merge(old, {"niah": other})["niah"] == other  # another needle task replaces the grid
+
+
+def test_resume_key_covers_data_dir_window_and_word_lists(tiny_tok, tmp_path):
+    data = tmp_path / "data"
+    (data / "ruler").mkdir(parents=True)
+    (data / "longbench").mkdir()
+    (data / "longbench" / "musique.jsonl").write_text((FIX / "longbench" / "musique.jsonl").read_text())
+    engine = Oracle(tiny_tok, lambda p: "x")
+    cfg = ev.Config(out_dir=str(tmp_path / "out"), data_dir=str(data), benchmarks="longbench,ruler",
+                    ruler_lengths="1500", ruler_tasks="niah_single_1", num_samples=1)
+    ev.evaluate(cfg, engine=engine, tok=tiny_tok)
+    key = json.loads((tmp_path / "out" / "run.json").read_text())["units"]
+    assert key["longbench"]["max_model_len"] == 32768 and key["longbench"]["data_dir"] == str(data.resolve())
+    assert key["ruler/1500"]["english_words.json"] is False
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| LongBench | longbench | 31,500 (cut in the middle) | 32/128 (LongBench's per set) | 32,768 | off |" in md
+    assert "| RULER 1500 | longbench | 1,500 minus tokens_to_generate (30/32/50/120/128) | RULER's tokens_to_generate |" in md
+    with pytest.raises(SystemExit, match=r"longbench predictions were made with max_model_len=32768 \(now 20000\)"):
+        ev.evaluate(dataclasses.replace(cfg, max_model_len=20000), engine=engine, tok=tiny_tok)
+    (data / "ruler" / "english_words.json").write_text(json.dumps({"0": "apple", "1": "pear"}))
+    with pytest.raises(SystemExit, match=r"ruler/1500 predictions were made with english_words.json=False \(now "
+                                         r"True\)"):
+        ev.evaluate(dataclasses.replace(cfg, benchmarks="ruler"), engine=engine, tok=tiny_tok)
+    moved = tmp_path / "data2"
+    data.rename(moved)
+    with pytest.raises(SystemExit, match="data_dir="):
+        ev.evaluate(dataclasses.replace(cfg, data_dir=str(moved)), engine=engine, tok=tiny_tok)
+
+
+def test_malformed_preds_lines_and_run_json_are_skipped_and_reported(tiny_tok, tmp_path, capsys):
+    engine = Oracle(tiny_tok, needle_answer)
+    cfg = cfg_for(tmp_path, benchmarks="ruler", ruler_lengths="1500", ruler_tasks="niah_single_1", num_samples=4)
+    first = ev.evaluate(cfg, engine=engine, tok=tiny_tok)
+    preds = tmp_path / "out" / "ruler" / "preds.jsonl"
+    lines = preds.read_text().splitlines()
+    preds.write_text("\n".join([lines[0], '{"pred": "no id"}', "[1, 2]", lines[1], lines[2], lines[3][:30]]) + "\n")
+    n = len(engine.prompts)
+    assert ev.evaluate(cfg, engine=engine, tok=tiny_tok) == first
+    assert len(engine.prompts) == n + 1  # only the torn item; the two malformed lines are dropped
+    assert "skipped 3 malformed line(s) (2, 3, 6)" in capsys.readouterr().out
+    assert [json.loads(x)["id"] for x in preds.read_text().splitlines()] == [f"niah_single_1/1500/{i}" for i in
+                                                                             (0, 1, 2, 3)]
+    (tmp_path / "out" / "run.json").write_text('{"model": ')  # torn or foreign
+    assert ev.evaluate(cfg, engine=engine, tok=tiny_tok) == first
+    assert len(engine.prompts) == n + 5 and "run.json" in capsys.readouterr().out  # its predictions regenerated
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["format"] == 2
+
+
+# ----------------------------------------------------------------------------- issue 13: MMLU protocols
+def test_mmlu_standard_prompt_bytes_and_letter_reading(tmp_path):
+    cfg = cfg_for(tmp_path, mmlu_protocol="standard")
+    (it, *_), dev = ev.general_items("mmlu", cfg), (FIX / "mmlu" / "abstract_algebra_dev.csv").read_text()
+    assert it["id"] == "5shot/abstract_algebra/0" and "user" not in it
+    assert it["prompt"].startswith("The following are multiple choice questions (with answers) about abstract "
+                                   "algebra.\n\nFind all c in Z_3 such that Z_3[x]/(x^2 + c) is a field.\nA. 0\nB. 1\n"
+                                   "C. 2\nD. 3\nAnswer: B\n\nStatement 1 | If aH")
+    assert it["prompt"].endswith("Answer: A\n\nFind the degree for the given field extension Q(sqrt(2)) over Q.\nA. 0\n"
+                                 "B. 2\nC. 1\nD. 3\nAnswer:")
+    assert it["prompt"].count("\nAnswer:") == 6 and len(dev.splitlines()) == 5
+    assert [ev.mmlu_letter(x) for x in (" B", "B.", " (B)\nbecause", "b", "B. 2", "The answer is B")] == \
+        ["B", "B", "B", "B", "B 2", "THE ANSWER IS B"]
+
+
+def standard_answer(prompt: str) -> str:
+    last = prompt.rsplit("\n\n", 1)[-1]
+    for key, reply in (("Q(sqrt(2))", " B"), ("Statement 1", " D."), ("Z_2 x Z_3", " B. 6")):
+        if key in last:
+            return reply
+    return general_answer(prompt)
+
+
+def test_mmlu_both_protocols_side_by_side(tiny_tok, tmp_path):
+    engine = Oracle(tiny_tok, standard_answer)
+    s = ev.evaluate(cfg_for(tmp_path, benchmarks="mmlu", think_tokens=64), engine=engine, tok=tiny_tok)
+    # standard: B right, D. right (punctuation ignored), "B. 6" wrong (lm-eval's exact match); trained: as above
+    assert s["mmlu"] == {"standard": {"acc": 66.67, "n": 3, "subjects": 1},
+                         "trained": {"acc": 66.67, "n": 3, "subjects": 1}}
+    assert sorted(engine.max_new) == [16, 64]  # the letter vs the thinking budget
+    std = [p for p in engine.prompts if p.startswith("The following are multiple choice")]
+    assert len(std) == 3 and not any("<|im_start|>" in p for p in std)  # raw text, no chat template
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| **tiny random model (longbench prompts)** (MMLU 5-shot standard) | – | 66.7 | – | – |" in md
+    assert "| **tiny random model (longbench prompts)** (MMLU 0-shot trained format) | – | 66.7 | – | – |" in md
+    assert "| MMLU (standard) | 5-shot raw text (lm-eval mmlu) | – | 16 (first line read) |" in md
+
+
+def test_mmlu_tarball_layout_reads_like_the_flat_one(tmp_path):
+    for split in ("test", "dev"):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        src = FIX / "mmlu" / f"abstract_algebra_{split}.csv"
+        (tmp_path / "mmlu" / split / src.name).write_text(src.read_text())
+    nested = ev.general_items("mmlu", ev.Config(data_dir=str(tmp_path)))
+    assert nested == ev.general_items("mmlu", ev.Config(data_dir=str(FIX))) and len(nested) == 6
+
+
+def test_mmlu_limit_is_per_subject(tmp_path):
+    d = tmp_path / "mmlu"
+    d.mkdir()
+    row = lambda s, q, a: {"subject": s, "question": q, "choices": ["w", "x", "y", "z"], "answer": a}  # noqa: E731
+    (d / "test.jsonl").write_text("".join(json.dumps(row(s, f"{s} q{i}", i % 4)) + "\n"
+                                          for s in ("anatomy", "virology") for i in range(3)))
+    (d / "dev.jsonl").write_text("".join(json.dumps(row(s, f"{s} dev{i}", "C")) + "\n"
+                                         for s in ("anatomy", "virology") for i in range(5)))
+    items = ev.general_items("mmlu", ev.Config(data_dir=str(tmp_path), limit=2))
+    assert [it["id"] for it in items] == ["5shot/anatomy/0", "5shot/anatomy/1", "5shot/virology/3", "5shot/virology/4",
+                                         "trained/anatomy/0", "trained/anatomy/1", "trained/virology/3",
+                                         "trained/virology/4"]
+    assert items[2]["prompt"].startswith("The following are multiple choice questions (with answers) about virology."
+                                         "\n\nvirology dev0\nA. w\n") and items[1]["meta"]["answers"] == ["B"]
+    (d / "dev.jsonl").write_text("".join(json.dumps(row("anatomy", f"dev{i}", 0)) + "\n" for i in range(5)))
+    with pytest.raises(SystemExit, match="5 dev questions per subject .*too few for virology"):
+        ev.check(ev.Config(data_dir=str(tmp_path), benchmarks="mmlu", out_dir=str(tmp_path / "o")), load_model=False)
+    assert len(ev.general_items("mmlu", ev.Config(data_dir=str(tmp_path), mmlu_protocol="trained"))) == 6
+
+
+# ----------------------------------------------------------------------------- issue 13: pictures and tables
+def test_heatmap_has_title_and_cell_values(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    seen = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: seen.setdefault("fig", fig))
+    ev.heatmap([[100.0, 50.0], [None, 0.0]], [1024, 2048], [0, 100], tmp_path / "h.png", "m: niah_single_1, 4 needles")
+    ax = seen["fig"].axes[0]
+    assert ax.get_title() == "m: niah_single_1, 4 needles"
+    assert [t.get_text() for t in ax.texts] == ["100", "50", "–", "0"]
