@@ -81,6 +81,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     stop_after: int = 0  # tests: exit after this many steps of this process (a crash after a checkpoint)
     timeout_hours: float = 3.0  # collective timeout
+    grad_sync_last: bool = True  # reduce-scatter once per mini-batch, after its last micro-batch: each rank then
+    # holds unsharded fp32 gradients (4 B x parameters: 30 GB at 7B) until it; false: after every micro-batch
     meta_load: bool = True  # with --engine=vllm: build on the meta device, rank 0 loads and broadcasts the shards
 
 
@@ -527,7 +529,7 @@ class Trainer:
                 mbs = self.micro_batches(mini)  # the same count on every rank
                 for i, mb in enumerate(mbs):
                     # gradients accumulate unsharded; one reduce-scatter after the mini-batch's last micro-batch
-                    self.policy.set_requires_gradient_sync(i == len(mbs) - 1)
+                    self.policy.set_requires_gradient_sync(not cfg.grad_sync_last or i == len(mbs) - 1)
                     self._backward(mb, n_tok, stats)
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -276,3 +276,61 @@ def test_resume_at_another_world_size(rows_file, tmp_path):
     start = rollout.tiny_model(259, seed=5).state_dict()
     # same data order and seeds whatever the world size: the same run up to float noise (see the 1-vs-2 test)
     assert sum((a[k] - b[k]).abs().sum() for k in a) < 1e-2 * sum((a[k] - start[k]).abs().sum() for k in a)
+
+
+# ----------------------------------------------------------------------------- GPU guards and scripts
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_flash_attn_probe_never_crashes(monkeypatch, capsys):
+    assert grpo.flash_attn_ok(torch.device("cpu")) is False  # the CPU always takes SDPA, silently
+    assert capsys.readouterr().err == ""
+    broken = type(sys)("flash_attn")  # a wheel built for another torch: imports, then fails in its kernel
+
+    def varlen(*a, **k):
+        raise RuntimeError("undefined symbol: _ZN3c10")
+
+    broken.flash_attn_varlen_func = varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", broken)
+    monkeypatch.setattr(grpo, "_FLASH", {})
+    dev = torch.device("cuda", 0)
+    assert grpo.flash_attn_ok(dev) is False and grpo.flash_attn_ok(dev) is False
+    err = capsys.readouterr().err
+    assert err.count("warning: flash-attn unusable") == 1 and "SDPA" in err  # one warning, not one per call
+
+
+@needs_cuda
+def test_gpu_bf16_fsdp2_logprobs_match_fp32(tiny_tok):
+    """On the GPU (world of one, NCCL): the bf16 FSDP2 policy's log-probs are the fp32 ones up to bf16 noise."""
+    cfg = grpo.Config(model="tiny", device="cuda", seed=1)
+    _, _, device = grpo.init_distributed(cfg)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    lm = grpo.load_lm(cfg, tiny_tok)
+    ref = grpo.naive_logp(lm, *grpo.packed_inputs([{"prompt": [5, 6, 7, 8], "completion": [9, 10, 11]}], torch.device("cpu")))
+    policy = grpo.shard(grpo.Policy(lm, 16), init_device_mesh("cuda", (1,)), device, False)
+    with torch.no_grad():
+        lp, _ = policy(*grpo.packed_inputs([{"prompt": [5, 6, 7, 8], "completion": [9, 10, 11]}], device))
+    assert torch.allclose(lp.float().cpu(), ref, atol=0.05)
+    assert isinstance(grpo.flash_attn_ok(device), bool)
+
+
+def test_bench_train_runs_on_cpu():
+    r = subprocess.run([sys.executable, "bench/bench_train.py", "--model=tiny", "--prompt=100", "--completion=28",
+                        "--seqs=6", "--micro_tokens=400", "--steps=1", "--device=cpu"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 micro-batches of <= 400 tokens, 768 tokens per rank per step" in r.stdout
+    tps = float(r.stdout.split("update tokens/s per rank: ")[1].split()[0].replace(",", ""))
+    assert tps > 0 and "MFU (6N): n/a" in r.stdout and "total estimate" in r.stdout
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_train
+
+    assert [bench_train.peak_flops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "Tesla T4")] \
+        == [989e12, 989e12, 312e12, 0.0]
+
+
+def test_gpu_check_skips_without_a_gpu():
+    r = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
+    assert r.returncode == 0 and r.stdout.strip() == "gpu_check: no GPU (torch.cuda.is_available() is False): skipped"
