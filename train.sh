@@ -55,7 +55,7 @@ case "$PRESET" in
     # paper: G=8, lr 1e-6, KL 0.001 (k3), clip 0.2, 16K prompt + 4K response, ~256 prompts per step, ~24K tokens per GPU
     RL="--engine=vllm --batch_prompts=256 --group=8 --max_prompt_tokens=16384 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10 $SYNC"
     # 192 GB HBM: twice the budget only with flash-attn's ROCm build (varlen: no mask). With SDPA it stays at 24,576:
-    # never a dense 49,152^2 mask (4.8 GB boolean per layer call), at most 24,576^2 (0.6 GB)
+    # never a dense 49,152^2 boolean mask (2.4 GB), at most 24,576^2 (0.6 GB)
     if [ "$PRESET" = 7b-mi300x ] && $PY -c "import sys, torch, grpo; sys.exit(not grpo.flash_attn_ok(torch.device('cuda')))" 2>/dev/null; then RL="$RL --micro_tokens=49152"; fi
     STEPS_WARMUP="--epochs=${WARMUP_EPOCHS:-1}"; STEPS_1="--epochs=${STAGE1_EPOCHS:-1}"; STEPS_2="--epochs=${STAGE2_EPOCHS:-1}"
     MINE="--engine=vllm --group=8 --temperature=0.6 --max_new_tokens=4096 --tp=$TP"

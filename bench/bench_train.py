@@ -48,12 +48,15 @@ def memory_estimate(c, n: int, tokens: int, world: int) -> dict[str, float]:
     L, h, inter, V = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
     layer = (n - V * h * (1 if c.tie_word_embeddings else 2)) / L
     root = V * h * (1 if c.tie_word_embeddings else 2)
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
     rows = {"fp32 parameters + gradients + AdamW, sharded": n * 16 / world,
             "gathered bf16 parameters (root + 2 layers)": (root + 2 * layer) * 2,
             "checkpointed layer inputs": L * tokens * h * 2,
-            "one layer recomputed (MLP)": 3 * tokens * inter * 2,
-            "fused log-probs (2 chunks of logits + fp32 lm_head gradient)": 2 * 128 * V * 4 + V * h * 4,
-            "unsharded gradients: bf16 root + layer, fp32 root for the reduce-scatter": (root + layer) * 2 + root * 4}
+            "one layer recomputed (MLP gate/up/act/product, attention q/k/v/out, norms)":
+                (4 * tokens * inter + tokens * (3 * h + 2 * kv) + 2 * tokens * h) * 2,
+            "fused log-probs (2 logits chunks, fp32 lm_head gradient + its bf16 copy)": 2 * 128 * V * 4 + V * h * 6,
+            "unsharded gradients kept to the last micro-batch (fp32) + bf16 root and layer in flight":
+                n * 4 + (root + layer) * 2}
     return {k: v / 1e9 for k, v in rows.items()}
 
 
