@@ -315,10 +315,14 @@ def test_gpu_bf16_fsdp2_logprobs_match_fp32(tiny_tok):
     assert isinstance(grpo.flash_attn_ok(device), bool)
 
 
+def clean_env():  # without the torchrun variables an in-process Trainer of an earlier test left behind
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+
+
 def test_bench_train_runs_on_cpu():
     r = subprocess.run([sys.executable, "bench/bench_train.py", "--model=tiny", "--prompt=100", "--completion=28",
                         "--seqs=6", "--micro_tokens=400", "--steps=1", "--device=cpu"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       text=True, timeout=300, env={**clean_env(), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 micro-batches of <= 400 tokens, 768 tokens per rank per step" in r.stdout
     tps = float(r.stdout.split("update tokens/s per rank: ")[1].split()[0].replace(",", ""))
