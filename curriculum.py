@@ -60,12 +60,13 @@ class Config:
     engine: str = "auto"  # rollout engine for sampling (auto: vllm on GPU when installed)
     tp: int = 1
     batch: int = 64  # prompts per generate call
+    node_rank: int = 0  # check: nodes other than 0 need no raw files
 
 
 # ----------------------------------------------------------------------------- data preparation
 def raw_paths(cfg: Config, run: Path) -> dict[str, str]:
     """The raw files of each source; the tiny preset generates its own."""
-    if cfg.preset == "tiny":
+    if cfg.preset in ("tiny", "gpu1"):
         raw = run / "data" / "raw"
         names = {"hotpotqa": "hotpotqa.json", "2wiki": "2wiki.json", "musique": "musique.jsonl",
                  "dapo": "dapo.jsonl", "mathqa": "mathqa.json"}
@@ -246,7 +247,7 @@ def report_table(report: dict) -> str:
 def check(cfg: Config, run: Path) -> None:
     """Fail fast, before any heavy work: raw files, the model, and this node's GPUs."""
     errors = []
-    if cfg.preset != "tiny":
+    if cfg.preset not in ("tiny", "gpu1") and cfg.node_rank == 0:  # other nodes read node 0's data
         raw = raw_paths(cfg, run)
         errors += [f"raw file for {k} not found: {p or '(not set)'}" for k, p in raw.items()
                    if k != "haystack" and not (p and Path(p).exists())]
@@ -264,7 +265,7 @@ def check(cfg: Config, run: Path) -> None:
 
         import torch
 
-        if importlib.util.find_spec("vllm") is None:
+        if importlib.util.find_spec("vllm") is None and cfg.preset != "gpu1":  # gpu1 falls back to the HF engine
             errors.append("vllm is not installed (pip install -r requirements-gpu.txt): GPU presets generate with it")
 
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0

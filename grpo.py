@@ -11,6 +11,7 @@ torch.distributed: NCCL + bf16 + flash-attn on GPU, gloo + fp32 + SDPA on CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -80,6 +81,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     stop_after: int = 0  # tests: exit after this many steps of this process (a crash after a checkpoint)
     timeout_hours: float = 3.0  # collective timeout
+    grad_sync_last: bool = True  # reduce-scatter once per mini-batch, after its last micro-batch: each rank then
+    # holds unsharded fp32 gradients (4 B x parameters: 30 GB at 7B) until it; false: after every micro-batch
+    meta_load: bool = True  # with --engine=vllm: build on the meta device, rank 0 loads and broadcasts the shards
 
 
 # ----------------------------------------------------------------------------- loss pieces (plain functions)
@@ -190,15 +194,83 @@ def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets) -> torch.Ten
     return logits.log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
 
 
-def load_lm(cfg: Config, tok, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model on the CPU: the policy in fp32 (master weights; on GPU FSDP2 computes in bf16)."""
+def load_lm(cfg: Config, tok, dtype: torch.dtype = torch.float32, weights: bool = True) -> nn.Module:
+    """The model on the CPU: the policy in fp32 (master weights; on GPU FSDP2 computes in bf16).
+    weights=False: only its structure (call under `torch.device("meta")`; load_from_rank0 fills it)."""
     if cfg.model == "tiny":
         return rollout.tiny_model(len(tok), cfg.seed).to(dtype)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    flash = torch.cuda.is_available() and cfg.device != "cpu" and _has("flash_attn")
-    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
-                                                attn_implementation="flash_attention_2" if flash else "sdpa")
+    gpu = torch.cuda.is_available() and cfg.device != "cpu"
+    attn = "flash_attention_2" if gpu and flash_attn_ok(torch.device("cuda", torch.cuda.current_device())) else "sdpa"
+    if not weights:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=dtype,
+                                                attn_implementation=attn)
+    return AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=attn)
+
+
+_FLASH: dict = {}
+
+
+def flash_attn_ok(device: torch.device) -> bool:
+    """flash-attn only if it imports and runs a tiny varlen call here (a wheel built for another torch or GPU
+    fails at import or at the first kernel); otherwise SDPA, with one warning on GPU. False on the CPU."""
+    if device.type != "cuda":
+        return False
+    if device not in _FLASH:
+        try:
+            from flash_attn import flash_attn_varlen_func
+
+            q = torch.randn(4, 2, 64, device=device, dtype=torch.bfloat16)
+            cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)  # two sequences, lengths 1 and 3
+            out = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, causal=True)
+            _FLASH[device] = bool(torch.isfinite(out).all())
+        except Exception as e:  # noqa: BLE001 - ImportError, undefined symbols, no kernel for this GPU
+            _FLASH[device] = False
+            print(f"warning: flash-attn unusable ({type(e).__name__}: {str(e)[:120]}); using SDPA "
+                  "(pip install flash-attn --no-build-isolation for long sequences)", file=sys.stderr)
+    return _FLASH[device]
+
+
+def load_from_rank0(policy: nn.Module, cfg: Config, tok, device: torch.device, dtype: torch.dtype,
+                    offload: bool) -> None:
+    """Fill a Policy built on the meta device and sharded: rank 0 alone reads the weights, every rank receives
+    its shards by broadcast, so no rank but 0 ever holds a full copy (7B fp32: 30 GB per rank otherwise)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    policy.to_empty(device="cpu" if offload else device)
+    lm = policy.lm
+    rot = getattr(lm.model, "rotary_emb", None)
+    if rot is not None:  # non-persistent buffers (inv_freq) are in no state dict: rebuild them from the config
+        lm.model.rotary_emb = type(rot)(config=lm.config).to(device)  # computed on the CPU, then moved
+    full = {f"lm.{k}": v for k, v in load_lm(cfg, tok, dtype).state_dict().items()} if dist.get_rank() == 0 else {}
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def save_random_model(out_dir: str, tokenizer: str = "", shape: str = "0.5b", seed: int = 0) -> str:
+    """A random Qwen2 of Qwen2.5-0.5B's shape (494M parameters with its 151,936-token vocabulary) saved as a
+    Hugging Face folder with a tokenizer (the Qwen2.5 one when given, else the offline byte tokenizer), so the
+    GPU smoke preset runs every tool on a real-sized model without the hub."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return str(out)
+    tok = keychain.load_tokenizer(tokenizer, tmp_dir=str(out) + ".tok")
+    shapes = {"0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                           num_key_value_heads=2)}
+    config = Qwen2Config(vocab_size=max(151936, len(tok)), max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         **shapes[shape])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, out)
+    shutil.rmtree(str(out) + ".tok", ignore_errors=True)
+    return str(out)
 
 
 def _has(mod: str) -> bool:
@@ -324,7 +396,11 @@ class Trainer:
         self.reward_fn = ((lambda rows, texts, finish: reward_fn(rows, texts)) if reward_fn else
                           (lambda rows, texts, finish: rewards.score_batch(rows, texts, self.reward_cfg, finish=finish)))
         torch.manual_seed(cfg.seed)
-        lm = load_lm(cfg, self.tok)  # on the CPU in fp32: fully_shard moves only each rank's shard to the GPU
+        # vLLM loads its own copy from the path: the trainer can start on the meta device and fill its shards
+        # from rank 0 (the HF engine needs a whole copy on every rank anyway)
+        meta = cfg.meta_load and self._engine_kind() == "vllm" and cfg.model != "tiny"
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            lm = load_lm(cfg, self.tok, weights=not meta)  # CPU, fp32: fully_shard moves each rank's shard to GPU
         if cfg.grad_ckpt:  # non-reentrant: composes with FSDP2's hooks (transformers 5 renamed the method)
             if hasattr(lm, "activation_checkpointing_enable"):
                 lm.activation_checkpointing_enable({"use_reentrant": False})
@@ -333,11 +409,16 @@ class Trainer:
         self.engine = self._make_engine(lm)  # before sharding: the HF engine keeps an unsharded copy
         self.ref = None
         if cfg.kl_coef > 0:  # never trained: on GPU loaded in bf16, without an fp32 copy in host memory
-            ref = load_lm(cfg, self.tok, torch.bfloat16) if self.device.type == "cuda" else copy.deepcopy(lm)
+            gpu, ref_off = self.device.type == "cuda", cfg.ref_offload and self.device.type == "cuda"
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                ref = load_lm(cfg, self.tok, torch.bfloat16, weights=not meta) if gpu or meta else copy.deepcopy(lm)
             ref = ref.requires_grad_(False).eval()
-            self.ref = shard(Policy(ref, cfg.logit_chunk), self.mesh, self.device,
-                             cfg.ref_offload and self.device.type == "cuda")
+            self.ref = shard(Policy(ref, cfg.logit_chunk), self.mesh, self.device, ref_off)
+            if meta:
+                load_from_rank0(self.ref, cfg, self.tok, self.device, torch.bfloat16, ref_off)
         self.policy = shard(Policy(lm, cfg.logit_chunk), self.mesh, self.device, cfg.offload)
+        if meta:
+            load_from_rank0(self.policy, cfg, self.tok, self.device, torch.float32, cfg.offload)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         per_epoch = len(self.rows) // cfg.batch_prompts
@@ -347,11 +428,14 @@ class Trainer:
         if cfg.resume:
             self.load_latest()
 
+    def _engine_kind(self) -> str:
+        if self.cfg.engine != "auto":
+            return self.cfg.engine
+        return "vllm" if self.device.type == "cuda" and _has("vllm") else "hf"
+
     def _make_engine(self, lm):
         cfg = self.cfg
-        kind = cfg.engine
-        if kind == "auto":
-            kind = "vllm" if self.device.type == "cuda" and _has("vllm") else "hf"
+        kind = self._engine_kind()
         rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                               seed=cfg.seed, device=str(self.device), tp=cfg.tp,
@@ -445,7 +529,10 @@ class Trainer:
                     continue
                 self.opt.zero_grad(set_to_none=True)
                 before = stats["loss"]
-                for mb in self.micro_batches(mini):
+                mbs = self.micro_batches(mini)  # the same count on every rank
+                for i, mb in enumerate(mbs):
+                    # gradients accumulate unsharded; one reduce-scatter after the mini-batch's last micro-batch
+                    self.policy.set_requires_gradient_sync(not cfg.grad_sync_last or i == len(mbs) - 1)
                     self._backward(mb, n_tok, stats)
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -491,7 +578,10 @@ class Trainer:
         stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
 
     def push_weights(self) -> None:
-        self.engine.update_weights((k[len("lm."):], v) for k, v in self.policy.state_dict().items())
+        # each shard cast to bf16 before rollout.full_tensor gathers it: half the bytes, and what vLLM holds
+        bf16 = self.device.type == "cuda"
+        self.engine.update_weights((k[len("lm."):], v.to(torch.bfloat16) if bf16 and v.is_floating_point() else v)
+                                   for k, v in self.policy.state_dict().items())
 
 
     # -- the loop
@@ -588,8 +678,10 @@ class Trainer:
         dist.barrier()
         msd, osd = get_state_dict(self.policy, self.opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        torch.save({"step": self.step, "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)},
-                   tmp / f"extra_rank{self.rank}.pt")
+        rngs = gather(torch.get_rng_state())  # one file for any world size: every rank's RNG, indexed by rank
+        if self.rank == 0:
+            torch.save({"step": self.step, "torch_rng": rngs, "world": self.world, "config": asdict(self.cfg)},
+                       tmp / "extra.pt")
         dist.barrier()
         if self.rank == 0:
             os.replace(tmp, final)
@@ -609,9 +701,19 @@ class Trainer:
         state = {"model": msd, "optim": osd}
         dcp.load(state, checkpoint_id=str(done[-1]))
         set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        extra = torch.load(done[-1] / f"extra_rank{self.rank}.pt", weights_only=False)
+        # DCP reshards model and optimizer to this world size; step and RNG come from the one extra.pt (older
+        # checkpoints: extra_rank{r}.pt). A rank beyond the saving world takes rank r mod that world's RNG.
+        path = done[-1] / "extra.pt"
+        if path.exists():
+            extra = torch.load(path, weights_only=False)
+            rng = extra["torch_rng"][self.rank % len(extra["torch_rng"])]
+        else:
+            old = sorted(done[-1].glob("extra_rank*.pt"))
+            mine = done[-1] / f"extra_rank{self.rank}.pt"
+            extra = torch.load(mine if mine.exists() else old[0], weights_only=False)
+            rng = extra["torch_rng"]
         self.step = extra["step"]
-        torch.set_rng_state(extra["torch_rng"])
+        torch.set_rng_state(rng)
         self.push_weights()
         if self.rank == 0:
             print(f"resumed from {done[-1]} at step {self.step}")

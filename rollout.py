@@ -28,6 +28,7 @@ import copy
 import functools
 import inspect
 import os
+import re
 import socket
 import sys
 import time
@@ -39,7 +40,21 @@ import torch.distributed as dist
 
 from keychain import parse_config
 
-VLLM_RANGE = "vllm>=0.16,<0.26"  # the versions whose source this file was checked against (0.16.0, 0.20.0, 0.25.1)
+# the vLLM releases whose source VLLMEngine was checked against (0.27.1, 0.32.0: LLM kwargs, external_launcher,
+# sleep levels and wake_up tags, apply_model, reset_prefix_cache, SamplingParams, outputs); all pin torch 2.13.0
+VLLM_RANGE = ((0, 27), (0, 33))  # [low, high) on (major, minor)
+VLLM_PIN = "vllm==0.32.0"  # requirements-gpu.txt
+
+
+def vllm_version_ok(version: str) -> bool:
+    """Is this vLLM version string (e.g. "0.32.0", "0.30.1+rocm700", "0.33.0rc1") inside VLLM_RANGE?"""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return bool(m) and VLLM_RANGE[0] <= (int(m[1]), int(m[2])) < VLLM_RANGE[1]
+
+
+def vllm_range_text() -> str:
+    (a, b), (c, d) = VLLM_RANGE
+    return f"vllm>={a}.{b},<{c}.{d}"
 
 
 # ----------------------------------------------------------------------------- config
@@ -342,7 +357,7 @@ class HFEngine:
 
 # ----------------------------------------------------------------------------- vLLM engine
 class VLLMEngine:
-    """vLLM colocated with training: one engine in every torchrun process (checked against VLLM_RANGE).
+    """vLLM colocated with training: one engine in every torchrun process (refuses a vLLM outside VLLM_RANGE).
 
     `distributed_executor_backend="external_launcher"` runs the engine core in this process and builds vLLM's
     tensor-parallel groups from consecutive ranks of the existing torch.distributed world ("ExternalDP x DP x
@@ -356,9 +371,14 @@ class VLLMEngine:
 
     def __init__(self, cfg: Config, model: Any, tokenizer: Any):
         try:
+            import vllm
             from vllm import LLM
         except ImportError as e:
-            raise ImportError(f"--engine=vllm needs {VLLM_RANGE} on a CUDA machine (requirements-gpu.txt)") from e
+            raise ImportError(f"--engine=vllm needs {vllm_range_text()} on a CUDA machine (requirements-gpu.txt)") from e
+        found = str(getattr(vllm, "__version__", "unknown"))
+        if not vllm_version_ok(found):  # the weight push and sleep mode rely on APIs checked only in this range
+            raise RuntimeError(f"vllm {found} is installed; rollout.py was checked against {vllm_range_text()} "
+                               f"(pip install {VLLM_PIN}, see README)")
         path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
         if not path:
             raise ValueError("the vLLM engine loads from a path: pass one, or save_pretrained the policy first")
@@ -432,10 +452,11 @@ class VLLMEngine:
         if self.asleep:
             torch.cuda.empty_cache()  # hand training's cached blocks back before vLLM re-maps its weights
             self.llm.wake_up(tags=["weights"])
-        model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         count = 0
         for name, tensor in named_tensors:
-            model.load_weights([(hf_name(name), full_tensor(tensor).detach())])
+            # apply_model runs in this process under external_launcher (vllm/v1/executor/uniproc_executor.py)
+            full = full_tensor(tensor).detach()
+            self.llm.apply_model(lambda model: model.load_weights([(hf_name(name), full)]))
             count += 1
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])

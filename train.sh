@@ -5,6 +5,9 @@
 #   bash train.sh 7b           Qwen2.5-7B-Instruct on 2 nodes x 8 A100 80GB (run the same command on each node)
 #   bash train.sh 14b          Qwen2.5-14B-Instruct on 2 nodes x 8 A100 80GB
 #   bash train.sh 7b-mi300x    Qwen2.5-7B-Instruct on 1 node x 8 MI300X (ROCm)
+#   bash train.sh gpu1         one GPU smoke run: random Qwen2 of Qwen2.5-0.5B's shape built on the spot, bf16 FSDP2
+#                              over NCCL, 16K-token packing, vLLM when installed (else the HF engine); TOKENIZER=path
+#                              (e.g. an offline Qwen2.5 tokenizer; default: the byte tokenizer), GPU1_STEPS (default 2)
 #
 # Environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node, as for torchrun), NPROC_PER_NODE,
 # RUN_DIR (default runs/<preset>), MODEL (hub id or local folder), PYTHON (default python),
@@ -31,24 +34,36 @@ case "$PRESET" in
     MINE="--group=4 --max_new_tokens=24 --engine=hf --batch=8"
     EVAL="--engine=hf --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=1 --niah_depths=3 --niah_samples=1 --max_new_tokens=8"
     ;;
+  gpu1)
+    MODEL=${MODEL:-${RUN_DIR:-runs/gpu1}/model}; NNODES=1; NPROC=${NPROC_PER_NODE:-1}; GPUS=$NPROC
+    [ -f "$MODEL/config.json" ] || $PY -c "import grpo, sys; print('random model:', grpo.save_random_model(*sys.argv[1:]))" "$MODEL" "${TOKENIZER:-}"
+    ENG=$($PY -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
+    DATA="--tokenizer=$MODEL --scale=0.002 --max_tokens=4096 --key_style=short"
+    RL="--device=cuda --engine=$ENG --tp=1 --batch_prompts=8 --group=4 --max_prompt_tokens=4096 --max_new_tokens=64 --lr=1e-5 --micro_tokens=16384 --save_every=2 --gpu_memory_utilization=0.3"
+    STEPS_WARMUP="--steps=${GPU1_STEPS:-2}"; STEPS_1="--steps=${GPU1_STEPS:-2}"; STEPS_2="--steps=${GPU1_STEPS:-2}"
+    MINE="--engine=$ENG --tp=1 --group=4 --max_new_tokens=64 --batch=16"
+    EVAL="--engine=$ENG --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=1 --niah_depths=3 --niah_samples=1 --max_new_tokens=16"
+    ;;
   7b|14b|7b-mi300x)
     case "$PRESET" in
-      7b)        MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct};  NNODES=${NNODES:-2}; TP=2 ;;
-      14b)       MODEL=${MODEL:-Qwen/Qwen2.5-14B-Instruct}; NNODES=${NNODES:-2}; TP=4 ;;
-      7b-mi300x) MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct};  NNODES=${NNODES:-1}; TP=1 ;;  # 192 GB per GPU
+      7b)        MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct};  NNODES=${NNODES:-2}; TP=2; SYNC="" ;;
+      14b)       MODEL=${MODEL:-Qwen/Qwen2.5-14B-Instruct}; NNODES=${NNODES:-2}; TP=4; SYNC="--grad_sync_last=false" ;;  # 59 GB of unsharded fp32 gradients would not fit
+      7b-mi300x) MODEL=${MODEL:-Qwen/Qwen2.5-7B-Instruct};  NNODES=${NNODES:-1}; TP=1; SYNC="" ;;  # 192 GB per GPU
     esac
     NPROC=${NPROC_PER_NODE:-8}; GPUS=$NPROC
     DATA="--tokenizer=$MODEL --scale=1 --max_tokens=16384 --key_style=uuid --hotpotqa=${HOTPOTQA:-} --twowiki=${TWOWIKI:-} --musique=${MUSIQUE:-} --dapo=${DAPO:-} --mathqa=${MATHQA:-} --haystack=${HAYSTACK:-}"
     # paper: G=8, lr 1e-6, KL 0.001 (k3), clip 0.2, 16K prompt + 4K response, ~256 prompts per step, ~24K tokens per GPU
-    RL="--engine=vllm --batch_prompts=256 --group=8 --max_prompt_tokens=16384 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10"
-    [ "$PRESET" = 7b-mi300x ] && RL="$RL --micro_tokens=49152"  # 192 GB HBM; no flash-attn wheel assumed: SDPA unless installed
+    RL="--engine=vllm --batch_prompts=256 --group=8 --max_prompt_tokens=16384 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10 $SYNC"
+    # 192 GB HBM: twice the budget only with flash-attn's ROCm build (varlen: no mask). With SDPA it stays at 24,576:
+    # never a dense 49,152^2 boolean mask (2.4 GB), at most 24,576^2 (0.6 GB)
+    if [ "$PRESET" = 7b-mi300x ] && $PY -c "import sys, torch, grpo; sys.exit(not grpo.flash_attn_ok(torch.device('cuda')))" 2>/dev/null; then RL="$RL --micro_tokens=49152"; fi
     STEPS_WARMUP="--epochs=${WARMUP_EPOCHS:-1}"; STEPS_1="--epochs=${STAGE1_EPOCHS:-1}"; STEPS_2="--epochs=${STAGE2_EPOCHS:-1}"
     MINE="--engine=vllm --group=8 --temperature=0.6 --max_new_tokens=4096 --tp=$TP"
     # LongBench and the general benchmarks need their files: EVAL_DATA=dir EVAL_BENCHMARKS=longbench,ruler,niah,...
     EVAL="--engine=vllm --prompt_style=train --benchmarks=${EVAL_BENCHMARKS:-ruler,niah} --data_dir=${EVAL_DATA:-data/eval} --ruler_lengths=4096,8192,16384,32768"
     ;;
-  "") die "usage: bash train.sh PRESET   (tiny | 7b | 14b | 7b-mi300x)" ;;
-  *) die "unknown preset '$PRESET' (tiny | 7b | 14b | 7b-mi300x)" ;;
+  "") die "usage: bash train.sh PRESET   (tiny | gpu1 | 7b | 14b | 7b-mi300x)" ;;
+  *) die "unknown preset '$PRESET' (tiny | gpu1 | 7b | 14b | 7b-mi300x)" ;;
 esac
 
 NODE_RANK=${NODE_RANK:-0}; MASTER_PORT=${MASTER_PORT:-29500}
@@ -66,14 +81,18 @@ TORCHRUN="$PY -m torch.distributed.run $LAUNCH --nproc_per_node=$NPROC"
 say() { echo; echo "==== [$PRESET] $*"; }
 
 # fail before any heavy work: raw files, the model, this node's GPUs
-$PY curriculum.py check --preset="$PRESET" --run_dir="$RUN" --model="$MODEL" --nproc="$GPUS" $DATA
+$PY curriculum.py check --preset="$PRESET" --run_dir="$RUN" --model="$MODEL" --nproc="$GPUS" --node_rank="$NODE_RANK" $DATA
 
 say "data -> $RUN/data"
 if [ "$NODE_RANK" = 0 ]; then
   $PY curriculum.py prepare --preset="$PRESET" --run_dir="$RUN" $DATA
   touch "$RUN/data/.ready"
 else  # RUN_DIR must be on a filesystem all nodes share: node 0 builds, the others wait for it
-  until [ -f "$RUN/data/.ready" ] && [ "$RUN/data/.ready" -nt "$0" ]; do sleep 10; done
+  WAIT=${DATA_WAIT_S:-7200}; int DATA_WAIT_S "$WAIT"; t=0
+  until [ -f "$RUN/data/.ready" ] && [ "$RUN/data/.ready" -nt "$0" ]; do
+    [ "$t" -lt "$WAIT" ] || die "node $NODE_RANK: no data from node 0 in $RUN/data after ${WAIT}s; RUN_DIR must be on a filesystem all nodes share (DATA_WAIT_S=seconds to wait longer)"
+    sleep 10; t=$((t + 10))
+  done
 fi
 
 prev=$MODEL

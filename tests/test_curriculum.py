@@ -193,3 +193,17 @@ def test_summary_missing_run_dir_is_one_line_and_creates_nothing(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: run dir {run} does not exist"]
     assert not run.exists()
+
+
+def test_train_sh_other_nodes_and_gpu1_check(tmp_path):
+    # a node other than 0 reads node 0's data: no raw files needed, the GPUs still checked
+    r = train_sh("7b", env={"RUN_DIR": str(tmp_path / "r1"), "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1",
+                            "MODEL": "tiny"})
+    assert r.returncode != 0 and "has 0 GPU(s); preset 7b needs 8" in r.stderr and "raw file" not in r.stderr
+    # gpu1: generated data, the HF engine when vLLM is missing; only the GPU is required
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    r = train_sh("gpu1", env={"RUN_DIR": str(tmp_path / "g"), "MODEL": str(model)})
+    assert r.returncode != 0 and "has 0 GPU(s); preset gpu1 needs 1" in r.stderr
+    assert "vllm" not in r.stderr and "raw file" not in r.stderr and not (tmp_path / "g" / "data").exists()

@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -243,6 +244,7 @@ def _dist_worker(rank: int, world: int, tmp: str, tok_dir: str, port: int) -> No
     # vLLM engine with tp=2 across both ranks (fake vllm): the group's prompts gathered, each rank's slice returned
     mod = types.ModuleType("vllm")
     mod.LLM, mod.SamplingParams, mod.TokensPrompt = FakeLLM, lambda **kw: SimpleNamespace(**kw), dict
+    mod.__version__ = "0.32.0"
     sys.modules["vllm"] = mod
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     vllm_engine = rollout.VLLMEngine(Config(engine="vllm", tp=2, n=2, max_prompt_tokens=64), "/m", tok)
@@ -279,9 +281,10 @@ class FakeLLM:
     def __init__(self, model, **kw):
         self.model, self.kw, self.calls = model, kw, []
         load = lambda weights: self.calls.append(("load", [name for name, _ in weights]))  # noqa: E731
-        runner = SimpleNamespace(model=SimpleNamespace(load_weights=load))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-            driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
+        self.model_in_worker = SimpleNamespace(load_weights=load)
+
+    def apply_model(self, func):  # vLLM >= 0.27: runs func on the model of each worker (one here)
+        return [func(self.model_in_worker)]
 
     def sleep(self, level):
         self.calls.append(("sleep", level))
@@ -306,6 +309,7 @@ class FakeLLM:
 def fake_vllm(monkeypatch):
     mod = types.ModuleType("vllm")
     mod.LLM, mod.SamplingParams, mod.TokensPrompt = FakeLLM, lambda **kw: SimpleNamespace(**kw), dict
+    mod.__version__ = "0.32.0"
     monkeypatch.setitem(sys.modules, "vllm", mod)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"):
         monkeypatch.setenv(key, "0" if "RANK" in key else "1" if key == "WORLD_SIZE" else "x")
@@ -341,6 +345,20 @@ def test_vllm_engine_orchestration(fake_vllm, tok, model):
         level2.wake()  # its weights are gone: only a push may wake it
     level2.update_weights([("w", torch.zeros(1))])
     assert level2.generate([[5]], n=1)[0][0].token_ids == [5, 7]
+
+
+def test_vllm_version_guard(fake_vllm, tok):
+    ok = ["0.27.0", "0.27.1", "0.30.1+rocm700", "0.32.0", "0.32.9rc1"]
+    bad = ["0.26.0", "0.25.1", "0.33.0", "0.33.0rc1", "1.0.0", "0.3.2", "dev", ""]
+    assert [rollout.vllm_version_ok(v) for v in ok] == [True] * len(ok)
+    assert [rollout.vllm_version_ok(v) for v in bad] == [False] * len(bad)
+    assert rollout.vllm_range_text() == "vllm>=0.27,<0.33" and rollout.VLLM_PIN == "vllm==0.32.0"
+    sys.modules["vllm"].__version__ = "0.25.1"
+    with pytest.raises(RuntimeError, match=r"vllm 0\.25\.1 is installed.*vllm>=0\.27,<0\.33"):
+        rollout.make_engine(Config(engine="vllm", tp=1), "/models/qwen", tok)
+    # the pin in requirements-gpu.txt lies inside the range
+    pin = [x.split("#")[0].strip() for x in (Path(__file__).parent.parent / "requirements-gpu.txt").read_text().splitlines()]
+    assert rollout.VLLM_PIN in pin and rollout.vllm_version_ok(rollout.VLLM_PIN.split("==")[1])
 
 
 # ----------------------------------------------------------------------------- vLLM (GPU only)
