@@ -1,7 +1,8 @@
 """GRPO trainer: one stage of LoongRL training, from a rows file to a trained checkpoint (LoongRL, arXiv 2510.19363:
 the GRPO recipe; the authors' verl fork).
 
-    python grpo.py --data=data/rows/keychain.jsonl --model=tiny --steps=4 --batch_prompts=4 --group=4    # CPU
+    python grpo.py --data=runs/tiny/data/warmup.jsonl --model=tiny --out_dir=runs/grpo-cpu --device=cpu \
+        --engine=hf --steps=2 --batch_prompts=4 --group=4 --max_new_tokens=24   # CPU; data from `bash train.sh tiny`
     torchrun --nproc_per_node=8 grpo.py --data=train.jsonl --model=Qwen/Qwen2.5-7B-Instruct --out_dir=runs/s1
 
 One step: next B prompts (sharded over ranks) -> G completions each (rollout.py) -> rewards (reward.py) ->
@@ -301,6 +302,10 @@ class Trainer:
         self.cfg = cfg
         rows = check_inputs(cfg)  # before anything is created: bad input leaves no folder behind
         self.rank, self.world, self.device = init_distributed(cfg)
+        if self.rank:  # one "Loading weights" bar on the console, not one per rank
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         if cfg.tis_cap > 0 and (cfg.temperature != 1.0 or cfg.top_p < 1.0):
             raise SystemExit("--tis_cap compares trainer and engine log-probs at temperature 1, top_p 1 only")
         if cfg.batch_prompts % self.world:
@@ -732,8 +737,9 @@ def main(argv: list[str]) -> int:
     cfg = keychain.parse_config(Config, argv, __doc__)
     trainer = Trainer(cfg)
     last = trainer.run()
-    if trainer.rank == 0 and last:
-        print(json.dumps(last))
+    if trainer.rank == 0 and last:  # one line; every number is in out_dir/log.jsonl
+        print(f"{cfg.out_dir}: step {last['step']}, reward {last['reward']:.3f}, optimizer steps this step "
+              f"{last['optimizer_steps']}, dropped groups {last['dropped_groups']}/{last['groups']}")
     finish()
     return 0
 
