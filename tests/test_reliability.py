@@ -110,7 +110,7 @@ def test_keychain_verify_without_keychain_rows_fails(tmp_path):
 
 
 def test_keychain_demo_without_keychain_rows_fails(tmp_path):
-    r = script("keychain.py", "demo", "--out_dir=d/raw", "--max_tokens=1024", cwd=tmp_path)
+    r = script("keychain.py", "demo", "--out_dir=d/raw", "--max_tokens=4096", cwd=tmp_path)
     assert r.returncode == 1 and "demo built no KeyChain rows" in r.stderr, r.stderr[-2000:]
 
 
