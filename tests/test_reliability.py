@@ -78,7 +78,7 @@ def rows_dir(tmp_path):
     (["--data=missing.jsonl"], "--data=missing.jsonl: no such file"),
     (["--data=torn.jsonl"], "torn.jsonl: record 1 (line 2): invalid JSON"),
     (["--data=no_answers.jsonl"], "no_answers.jsonl: record 1 (r0): 'answers' must be a non-empty list"),
-    (["--data=good.jsonl", "--model=no/such-model"], "--model=no/such-model: cannot load its config"),
+    (["--data=good.jsonl", "--model=no/such-model", "--batch_prompts=4"], "--model=no/such-model: cannot load its config"),
     (["--data=good.jsonl", "--batch_prompts=0"], "--batch_prompts=0 must be positive"),
     (["--data=good.jsonl", "--steps=-1"], "--steps=-1 must not be negative"),
     (["--data=good.jsonl", "--adv_std=maybe"], "--adv_std expects true/false/1/0/yes/no"),
