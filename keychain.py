@@ -432,7 +432,8 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
                 msgs = [{"role": "system", "content": SYSTEM_PROMPT}] + msgs
             extra = rec.get("extra_info") or {}
             idx = extra.get("index", i) if isinstance(extra, dict) else i
-            row = {"id": f"{source or ds}-{idx}", "source": source or ds,  # ids unique across mixed sources
+            name = source or {"math_dapo": "dapo"}.get(ds, ds)  # DAPO-Math-17k's data_source; one name everywhere
+            row = {"id": f"{name}-{idx}", "source": name,  # ids unique across mixed sources
                    "kind": kind, "messages": msgs, "answers": answers}
             if kind == "keychain" and isinstance(extra, dict):
                 row.update({k: extra[k] for k in ("start_key", "question") if k in extra})
