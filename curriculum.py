@@ -231,6 +231,10 @@ def sample_counts(cfg: Config, rows: list[dict], out: Path) -> dict[str, tuple[i
     import rollout
 
     rank, world, device = grpo.init_distributed(grpo.Config(device="auto"))
+    if rank:  # one "Loading weights" bar on the console, not one per rank
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tok = keychain.load_tokenizer(cfg.tokenizer or cfg.model)
     part = out / f"counts.rank{rank}.jsonl"
     if grpo.trim_jsonl(part):  # a crash can tear the last line; the item is sampled again
