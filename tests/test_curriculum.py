@@ -105,7 +105,7 @@ def test_kill_in_stage_one_then_rerun_resumes(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(run), "HF_HUB_OFFLINE": "1"}
     p = subprocess.Popen(["bash", "train.sh", "tiny"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 400
+    deadline = time.time() + 900
     while not (run / "stage1" / "ckpt" / "step_000002").exists():
         assert p.poll() is None and time.time() < deadline, "stage I never reached its first checkpoint"
         time.sleep(0.5)
