@@ -62,7 +62,7 @@ class Config:
     tp: int = 1
     batch: int = 64  # prompts per generate call
     # format warm-up of the tiny preset's random model (supervised, before the warmup stage)
-    format_steps: int = 60  # optimizer steps
+    format_steps: int = 80  # optimizer steps
     format_lr: float = 3e-3
 
 
