@@ -1,4 +1,5 @@
-"""The multi-stage curriculum (LOONGRL.md sections 3 and 6): warmup -> Stage I -> hard mining -> Stage II.
+"""The multi-stage curriculum (LoongRL, arXiv 2510.19363: data mixture, multi-stage RL):
+warmup -> Stage I -> hard mining -> Stage II.
 
     python curriculum.py check   --preset=7b --run_dir=runs/7b --model=Qwen/Qwen2.5-7B-Instruct --nproc=8
     python curriculum.py prepare --preset=tiny --run_dir=runs/tiny          # build (or reuse) every stage's data
@@ -35,7 +36,7 @@ STAGES = {"warmup": ("qa", "ruler", "math"),  # no KeyChain yet
 
 @dataclass
 class Config:
-    command: str = "prepare"  # check | prepare | mine | summary
+    command: str = "prepare"  # check | prepare | format | mine | summary
     preset: str = "tiny"
     run_dir: str = ""  # default runs/<preset>
     tokenizer: str = ""  # the policy's tokenizer (empty: the tiny byte tokenizer)
@@ -61,6 +62,9 @@ class Config:
     tp: int = 1
     batch: int = 64  # prompts per generate call
     node_rank: int = 0  # check: nodes other than 0 need no raw files
+    # format warm-up of the tiny preset's random model (supervised, before the warmup stage)
+    format_steps: int = 80  # optimizer steps
+    format_lr: float = 3e-3
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -134,6 +138,60 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
     return stages
 
 
+# ----------------------------------------------------------------------------- tiny format warm-up
+def format_rows(cfg: Config, run: Path, tok) -> list[dict]:
+    """Easy items whose answer comes from a small set, from a second generated world (not the training items):
+    yes/no comparison questions on short contexts and MathQA multiple choice (a letter A-E)."""
+    work = run / "format"
+    raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 1)
+    items = [it for src in QA_SOURCES for it in keychain.load_items(raw[src])[0] if it["answers"][0] in ("yes", "no")]
+    for it in items:  # short contexts: the documents of the two people and of the cities they point to
+        first = [d for d in it["docs"] if d.split("\n")[0] in it["question"]]
+        it["docs"] = first + [d for d in it["docs"] if d not in first and any(d.split("\n")[0] in f for f in first)]
+    keychain.write_rows(work / "raw" / "yes_no.jsonl", items)
+    base = keychain.Config(kind="qa", max_tokens=2048, key_style=cfg.key_style, seed=cfg.seed + 1)
+    rows = keychain.synth(dataclasses.replace(base, input=str(work / "raw" / "yes_no.jsonl"), format="items"), tok)[0]
+    return rows + keychain.synth(dataclasses.replace(base, input=raw["mathqa"]), tok)[0]
+
+
+def format_warmup(cfg: Config, run: Path) -> None:
+    """The tiny preset only: a random model never writes `</think>\\boxed{...}`, so every reward would be 0 and
+    GRPO would drop every group. A short supervised warm-up on `<think> </think>\\boxed{gold}` completions of
+    easy items teaches the format; the answers it then guesses (yes/no, a letter) are right by chance, which
+    gives GRPO groups with unequal rewards from the first step. Writes run/format/hf."""
+    import torch
+
+    import grpo
+    import rollout
+
+    tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(run / "data" / "tiny-tokenizer"))
+    seqs = []
+    for r in format_rows(cfg, run, tok):
+        prompt = tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"]
+        target = f" </think>\\boxed{{{r['answers'][0]}}}"  # the prefill already opened <think>
+        completion = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append({"prompt": prompt, "completion": completion})
+    lm = rollout.tiny_model(len(tok), cfg.seed).train()
+    policy = grpo.Policy(lm)
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.format_lr)
+    rng = random.Random(cfg.seed)
+    for step in range(1, cfg.format_steps + 1):
+        batch = rng.sample(seqs, min(4, len(seqs)))
+        logp, _ = policy(*grpo.packed_inputs(batch, torch.device("cpu")))
+        loss = -logp.mean()  # mean log-loss of the completion tokens
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 1 or step % 20 == 0:
+            print(f"format warm-up: step {step}/{cfg.format_steps} loss {loss.item():.3f}", flush=True)
+    out = run / "format" / "hf"
+    tmp = out.with_name("hf.tmp")
+    lm.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, out)
+    print(f"format warm-up: {len(seqs)} easy items, model in {out}")
+
+
 # ----------------------------------------------------------------------------- hard mining
 def mine_from_counts(rows: list[dict], counts: dict[str, tuple[int, int]]) -> tuple[list[dict], dict]:
     """Keep the items not solved every time (k < n); report 0/n, partly and n/n per source."""
@@ -174,8 +232,14 @@ def sample_counts(cfg: Config, rows: list[dict], out: Path) -> dict[str, tuple[i
     import rollout
 
     rank, world, device = grpo.init_distributed(grpo.Config(device="auto"))
+    if rank:  # one "Loading weights" bar on the console, not one per rank
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tok = keychain.load_tokenizer(cfg.tokenizer or cfg.model)
     part = out / f"counts.rank{rank}.jsonl"
+    if grpo.trim_jsonl(part):  # a crash can tear the last line; the item is sampled again
+        print(f"{part}: removed a torn line; its item is sampled again")
     done = {rec["id"] for _, rec in keychain.read_records(part)} if part.exists() else set()
     mine = [r for r in rows[rank::world] if r["id"] not in done]
     kind = cfg.engine if cfg.engine != "auto" else ("vllm" if device.type == "cuda" and grpo._has("vllm") else "hf")
@@ -437,13 +501,46 @@ def summary(run: Path) -> str:
     return text
 
 
+PRESETS = ("tiny", "gpu1", "7b", "14b", "7b-mi300x")  # train.sh's presets
+COMMANDS = ("check", "prepare", "format", "mine", "summary")
+
+
+def validate(cfg: Config, run: Path) -> None:
+    """Bad input stops here, before anything is created."""
+    if cfg.command not in COMMANDS:
+        raise SystemExit(f"curriculum.py: unknown command {cfg.command!r} ({' | '.join(COMMANDS)})")
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"curriculum.py: unknown preset {cfg.preset!r} ({' | '.join(PRESETS)})")
+    bad = [k for k in ("group", "max_new_tokens", "max_tokens", "batch", "tp", "format_steps") if getattr(cfg, k) <= 0]
+    bad += [k for k in ("scale", "format_lr") if not getattr(cfg, k) > 0] + (["nproc"] if cfg.nproc < 0 else [])
+    if bad:
+        raise SystemExit(f"curriculum.py: --{bad[0]}={getattr(cfg, bad[0])} must be positive")
+    if cfg.mine_mode not in ("sample", "rollouts"):
+        raise SystemExit(f"curriculum.py: --mine_mode={cfg.mine_mode!r}: sample | rollouts")
+    if cfg.command == "summary" and not run.is_dir():
+        raise SystemExit(f"curriculum.py: run directory {run} does not exist")
+    if cfg.command == "mine":
+        need = run / "data" / "stage1.jsonl"
+        if not need.is_file():
+            raise SystemExit(f"curriculum.py: {need} does not exist (run prepare first)")
+        if cfg.mine_mode == "rollouts" and not (run / "stage1" / "mining.jsonl").is_file():
+            raise SystemExit(f"curriculum.py: {run / 'stage1' / 'mining.jsonl'} does not exist (train Stage I first)")
+        if cfg.mine_mode == "sample" and not cfg.model:
+            raise SystemExit("curriculum.py: mine needs --model=STAGE1_CHECKPOINT")
+    if cfg.command == "format" and cfg.preset != "tiny":
+        raise SystemExit("curriculum.py: the format warm-up is for the tiny preset's random model only")
+
+
 def main(argv: list[str]) -> int:
     cfg = keychain.parse_config(Config, argv, __doc__)
     run = Path(cfg.run_dir or f"runs/{cfg.preset}")
+    validate(cfg, run)
     if cfg.command == "check":
         check(cfg, run)
     elif cfg.command == "prepare":
         prepare(cfg, run)
+    elif cfg.command == "format":
+        format_warmup(cfg, run)
     elif cfg.command == "mine":
         mine(cfg, run)
     elif cfg.command == "summary":
@@ -454,4 +551,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(keychain.cli(main))

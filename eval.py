@@ -1,4 +1,4 @@
-"""Evaluation as in the LoongRL paper: LongBench v1 QA, RULER, needle grid, MMLU, MATH-500, IFEval, beside its scores.
+"""Evaluation (LoongRL, arXiv 2510.19363): LongBench v1 QA, RULER, needle grid, MMLU, MATH-500, IFEval, beside the paper's scores.
 
     python eval.py --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=2 --max_new_tokens=8  # tiny, CPU
     python eval.py --model=Qwen/Qwen2.5-7B-Instruct --engine=vllm --data_dir=data/eval --out_dir=runs/eval/qwen7b

@@ -1,6 +1,8 @@
-"""GRPO trainer: one stage of LoongRL training, from a rows file to a trained checkpoint (LOONGRL.md section 5).
+"""GRPO trainer: one stage of LoongRL training, from a rows file to a trained checkpoint (LoongRL, arXiv 2510.19363:
+the GRPO recipe; the authors' verl fork).
 
-    python grpo.py --data=data/rows/keychain.jsonl --model=tiny --steps=4 --batch_prompts=4 --group=4    # CPU
+    python grpo.py --data=runs/tiny/data/warmup.jsonl --model=tiny --out_dir=runs/grpo-cpu --device=cpu \
+        --engine=hf --steps=2 --batch_prompts=4 --group=4 --max_new_tokens=24   # CPU; data from `bash train.sh tiny`
     torchrun --nproc_per_node=8 grpo.py --data=train.jsonl --model=Qwen/Qwen2.5-7B-Instruct --out_dir=runs/s1
 
 One step: next B prompts (sharded over ranks) -> G completions each (rollout.py) -> rewards (reward.py) ->
@@ -370,7 +372,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, reward_fn: Callable | None = None):
         self.cfg = cfg
+        rows = check_inputs(cfg)  # before anything is created: bad input leaves no folder behind
         self.rank, self.world, self.device = init_distributed(cfg)
+        if self.rank:  # one "Loading weights" bar on the console, not one per rank
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         if cfg.tis_cap > 0 and (cfg.temperature != 1.0 or cfg.top_p < 1.0):
             raise SystemExit("--tis_cap compares trainer and engine log-probs at temperature 1, top_p 1 only")
         if cfg.batch_prompts % self.world:
@@ -385,7 +392,6 @@ class Trainer:
             keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
         dist.barrier()
         self.tok = keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
-        rows = keychain.read_rows(cfg.data)
         self.rows = [r for r in rows if r.get("num_tokens", 0) <= cfg.max_prompt_tokens]
         if len(self.rows) < len(rows) and self.rank == 0:
             print(f"{cfg.data}: {len(rows) - len(self.rows)} rows over --max_prompt_tokens left out")
@@ -427,6 +433,8 @@ class Trainer:
             raise SystemExit(f"{cfg.data}: {len(self.rows)} rows are fewer than one batch of {cfg.batch_prompts}")
         if cfg.resume:
             self.load_latest()
+        if self.rank == 0:
+            self.trim_logs()
 
     def _engine_kind(self) -> str:
         if self.cfg.engine != "auto":
@@ -485,7 +493,7 @@ class Trainer:
                 if not (equal and cfg.drop_equal_groups) and c.token_ids:
                     seqs.append({"prompt": prompt, "completion": list(c.token_ids), "adv": float(adv[j]),
                                  "engine_lp": torch.tensor(c.logprobs, dtype=torch.float32)})
-        samples = [{"step": self.step, "id": row.get("id"), "answers": row.get("answers"),
+        samples = [{"step": self.step + 1, "id": row.get("id"), "answers": row.get("answers"),
                     "response": outs[i][0].text, "reward": records[i * G]["reward"]}
                    for i, row in enumerate(rows[:cfg.log_samples])]
         return seqs, {"records": records, "dropped": dropped, "groups": len(rows), "t_gen": t_gen, "samples": samples}
@@ -719,6 +727,19 @@ class Trainer:
             print(f"resumed from {done[-1]} at step {self.step}")
         return True
 
+    def trim_logs(self) -> None:
+        """Cut the append-only files back to the step training continues from: a crash after the last
+        checkpoint logged steps that run again now (log.jsonl would hold [1, 2, 3, 3, 4]), and may have torn the
+        last line in half."""
+        keep = lambda rec: isinstance(rec, dict) and rec.get("step", 0) <= self.step  # noqa: E731
+        cut = trim_jsonl(self.out / "log.jsonl", keep) + trim_jsonl(self.out / "mining.jsonl", keep)
+        stale = [p for p in (self.out / "rollouts").glob("step_*.jsonl") if int(p.stem[len("step_"):]) > self.step]
+        for p in stale:
+            p.unlink()
+        if cut or stale:
+            print(f"{self.out}: continuing at step {self.step}: removed {cut} log lines and {len(stale)} rollout "
+                  "files written after it (or torn by a crash)")
+
     def export(self, path: Path) -> None:
         """The policy as a Hugging Face folder (safetensors, config, tokenizer) for from_pretrained and vLLM."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -740,6 +761,66 @@ class Trainer:
         dist.barrier()
 
 
+def trim_jsonl(path: Path, keep: Callable[[Any], bool] = lambda rec: True) -> int:
+    """Rewrite an append-only .jsonl with only its whole lines whose record passes `keep`; returns the number
+    of lines removed. A crash mid-write leaves a torn last line that is not JSON."""
+    if not path.exists():
+        return 0
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(rec):
+            out.append(line + "\n")
+    if len(out) < len(lines):
+        keychain.atomic_write(path, lambda tmp: tmp.write_text("".join(out), encoding="utf-8"))
+    return len(lines) - len(out)
+
+
+POSITIVE = ("batch_prompts", "group", "epochs", "max_prompt_tokens", "max_new_tokens", "micro_tokens", "logit_chunk",
+            "mini_batches", "ppo_epochs", "keep", "timeout_hours")
+NON_NEGATIVE = ("steps", "save_every", "log_samples", "stop_after", "lr", "kl_coef", "grad_clip", "tis_cap")
+
+
+def check_inputs(cfg: Config) -> list[dict]:
+    """Settings, the rows file and the model, checked before anything is created; returns the rows.
+    Each row needs messages (a chat) and answers (a non-empty list): without answers every reward is 0."""
+    bad = [f"--{k}={getattr(cfg, k)} must be positive" for k in POSITIVE if not getattr(cfg, k) > 0]
+    bad += [f"--{k}={getattr(cfg, k)} must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    if bad:
+        raise SystemExit(f"grpo.py: {bad[0]}")
+    if not cfg.data:
+        raise SystemExit("grpo.py: --data=ROWS.jsonl is required (make rows with keychain.py)")
+    if not Path(cfg.data).is_file():
+        raise SystemExit(f"grpo.py: --data={cfg.data}: no such file")
+    rows = []
+    for i, row in keychain.read_records(cfg.data):
+        where = f"{cfg.data}: record {i}" + (f" ({row['id']})" if isinstance(row, dict) and "id" in row else "")
+        if not isinstance(row, dict):
+            raise keychain.DataError(f"{where}: a row must be a JSON object")
+        if not (isinstance(row.get("messages"), list) and row["messages"]
+                and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"])):
+            raise keychain.DataError(f"{where}: 'messages' must be a non-empty list of chat messages")
+        if not (isinstance(row.get("answers"), list) and row["answers"]):
+            raise keychain.DataError(f"{where}: 'answers' must be a non-empty list (the reward needs a gold answer)")
+        rows.append(row)
+    fit = sum(r.get("num_tokens", 0) <= cfg.max_prompt_tokens for r in rows)
+    if not fit or (not cfg.steps and fit < cfg.batch_prompts):
+        raise SystemExit(f"grpo.py: {cfg.data}: {fit} rows within --max_prompt_tokens, fewer than one batch of "
+                         f"{cfg.batch_prompts} (give --steps to cycle over them)" if fit else f"grpo.py: {cfg.data}: no rows")
+    if cfg.model != "tiny":
+        try:  # a local folder or a hub id: its config proves the name before any folder is made
+            from transformers import AutoConfig
+
+            AutoConfig.from_pretrained(cfg.model)
+        except Exception as e:  # noqa: BLE001 - any failure means we cannot start
+            raise SystemExit(f"grpo.py: --model={cfg.model}: cannot load its config ({str(e).splitlines()[0]})") from None
+    return rows
+
+
 def hash_seed(*parts: int) -> int:
     """A 31-bit seed from integers, stable across processes (Python's hash() of str is salted)."""
     h = 1469598103934665603
@@ -759,12 +840,11 @@ def keychain_names(row: dict, text: str) -> dict:
 
 def main(argv: list[str]) -> int:
     cfg = keychain.parse_config(Config, argv, __doc__)
-    if not cfg.data:
-        raise SystemExit("--data=ROWS.jsonl is required (make rows with keychain.py)")
     trainer = Trainer(cfg)
     last = trainer.run()
-    if trainer.rank == 0 and last:
-        print(json.dumps(last))
+    if trainer.rank == 0 and last:  # one line; every number is in out_dir/log.jsonl
+        print(f"{cfg.out_dir}: step {last['step']}, reward {last['reward']:.3f}, optimizer steps this step "
+              f"{last['optimizer_steps']}, dropped groups {last['dropped_groups']}/{last['groups']}")
     finish()
     return 0
 
@@ -781,4 +861,4 @@ def finish() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(keychain.cli(main))

@@ -1,4 +1,5 @@
-"""KeyChain data synthesis: short multi-hop QA -> long-context RL rows (LOONGRL.md sections 2-3).
+"""KeyChain data synthesis: short multi-hop QA -> long-context RL rows (LoongRL, arXiv 2510.19363:
+KeyChain; the authors' synthesis code).
 
     python keychain.py generate --out_dir=data/raw --n=200          # procedural raw QA, no downloads
     python keychain.py synth --input=data/raw/hotpotqa.json --kind=keychain --tokenizer=... --out=kc.jsonl
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-# ----------------------------------------------------------------------------- prompts (LOONGRL.md 2)
+# ----------------------------------------------------------------------------- prompts (the authors' code)
 SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
     "The Assistant first thinks about the reasoning process in the mind and then provides the User with "
@@ -84,14 +85,31 @@ class Config:
     batch: int = 64  # rows tokenized together in the exact final pass
 
 
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def option_comments(cls: type) -> dict[str, str]:
+    """Each field's trailing comment in the dataclass source: the one place an option is described."""
+    import inspect
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^=\n]+=[^\n]*?  # (.*)$", src, re.M)}
+
+
 def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
-    """Build a config dataclass from `[command] --key=value ...`; `--help` lists every key and default."""
+    """Build a config dataclass from `[command] --key=value ...`; `--help` lists every key, default and comment.
+    Bools take true/false/1/0/yes/no (a bare `--flag` is true); anything else stops with one line."""
     cfg, fields = cls(), {f.name: f for f in dataclasses.fields(cls)}
     for arg in argv:
         if arg in ("-h", "--help"):
+            notes = option_comments(cls)
             print(doc.strip() + "\n\noptions (--key=value):")
             for f in dataclasses.fields(cls):
-                print(f"  --{f.name}={getattr(cfg, f.name)!r}")
+                opt = f"  --{f.name}={getattr(cfg, f.name)!r}"
+                print(f"{opt:<40} {notes[f.name]}" if f.name in notes else opt)
             sys.exit(0)
         if not arg.startswith("--"):
             if "command" not in fields:
@@ -103,15 +121,38 @@ def parse_config(cls: type, argv: list[str], doc: str = "") -> Any:
             raise SystemExit(f"unknown option --{key} (see --help)")
         cur = getattr(cfg, key)
         if isinstance(cur, bool):
-            setattr(cfg, key, val.lower() in ("1", "true", "yes", "") if eq else True)
+            if eq and val.lower() not in BOOLS:
+                raise SystemExit(f"--{key} expects true/false/1/0/yes/no, got {val!r}")
+            setattr(cfg, key, BOOLS[val.lower()] if eq else True)
         elif isinstance(cur, (int, float)) and not isinstance(cur, bool):
             try:
                 setattr(cfg, key, type(cur)(val))
             except ValueError:
                 raise SystemExit(f"--{key} expects {type(cur).__name__}, got {val!r}") from None
+            if not math.isfinite(getattr(cfg, key)):
+                raise SystemExit(f"--{key} expects a finite number, got {val!r}")
         else:
             setattr(cfg, key, val)
     return cfg
+
+
+def cli(main) -> int:
+    """A script's entry point: Ctrl-C / SIGTERM end it quietly (exit 130 / 143), it dies with its parent
+    (PR_SET_PDEATHSIG: torchrun starts its workers in their own sessions, so killing the launcher would leave
+    them running), and bad input is one line naming the file, not a traceback."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _frame: os._exit(128 + s))
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (linux/prctl.h)
+    try:
+        return main(sys.argv[1:])
+    except (DataError, OSError) as e:  # OSError: a missing file, a model folder or hub id that does not load
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+        return 1
 
 
 # ----------------------------------------------------------------------------- small io helpers
@@ -391,7 +432,8 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
                 msgs = [{"role": "system", "content": SYSTEM_PROMPT}] + msgs
             extra = rec.get("extra_info") or {}
             idx = extra.get("index", i) if isinstance(extra, dict) else i
-            row = {"id": f"{source or ds}-{idx}", "source": source or ds,  # ids unique across mixed sources
+            name = source or {"math_dapo": "dapo"}.get(ds, ds)  # DAPO-Math-17k's data_source; one name everywhere
+            row = {"id": f"{name}-{idx}", "source": name,  # ids unique across mixed sources
                    "kind": kind, "messages": msgs, "answers": answers}
             if kind == "keychain" and isinstance(extra, dict):
                 row.update({k: extra[k] for k in ("start_key", "question") if k in extra})
@@ -1085,8 +1127,27 @@ def sample_counts(items: list[dict], cfg: Config, batch: int = 16) -> list[dict]
 
 
 # ----------------------------------------------------------------------------- command line
+COMMANDS = ("generate", "synth", "verify", "filter", "demo")
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_config(Config, argv, __doc__)
+    # bad input stops here, before a tokenizer folder or an output is created
+    if cfg.command not in COMMANDS:
+        raise SystemExit(f"keychain.py: unknown command {cfg.command!r} ({' | '.join(COMMANDS)})")
+    bad = [k for k in ("max_tokens", "hops", "needles", "samples", "new_tokens", "batch") if getattr(cfg, k) <= 0]
+    bad += [k for k in ("n", "lo", "hi") if getattr(cfg, k) < 0] + (["chains_per_1k"] if cfg.chains_per_1k < 0 else [])
+    if bad:
+        raise SystemExit(f"keychain.py: --{bad[0]}={getattr(cfg, bad[0])} is out of range")
+    if cfg.command == "synth" and not cfg.out:
+        raise SystemExit("keychain.py: synth needs --out=FILE.jsonl (or .parquet)")
+    if cfg.command in ("verify", "filter") or (cfg.command == "synth" and cfg.kind != "ruler"):
+        if not cfg.input:
+            raise SystemExit(f"keychain.py: {cfg.command} needs --input=FILE[,FILE...]")
+    if cfg.command in ("synth", "verify", "filter"):
+        missing = [p for p in filter(None, cfg.input.split(",")) if not Path(p).is_file()]
+        if missing:
+            raise SystemExit(f"keychain.py: --input file not found: {missing[0]}")
     if cfg.command == "generate":
         for name, p in generate_raw(cfg.out_dir, cfg.n or 200, cfg.seed).items():
             print(f"{name:<10}{p}")
@@ -1116,15 +1177,13 @@ def main(argv: list[str]) -> int:
                     bad += 1
                     print(f"{path}: record {i} ({row.get('id')}): " + "; ".join(errs[:5]))
         print(f"verified {total} KeyChain rows: {total - bad} ok, {bad} bad")
-        return 1 if bad else 0
+        if not total:
+            print(f"keychain.py: {cfg.input}: no KeyChain rows to verify", file=sys.stderr)
+        return 1 if bad or not total else 0
     if cfg.command == "demo":
         return demo(cfg, tok)
     if cfg.command != "synth":
         raise SystemExit(f"unknown command {cfg.command!r}: generate | synth | verify | filter | demo")
-    if not cfg.out:
-        raise SystemExit("synth needs --out=FILE.jsonl (or .parquet)")
-    if cfg.kind != "ruler" and not cfg.input:
-        raise SystemExit("synth needs --input=FILE[,FILE...]")
     rows, stats = synth(cfg, tok)
     write_rows(cfg.out, rows)
     print(summarize(rows, stats))
@@ -1144,10 +1203,14 @@ def demo(cfg: Config, tok) -> int:
         all_rows += rows
         all_stats.update({f"{kind} {k}": v for k, v in stats.items()})
     print(summarize(all_rows, all_stats))
-    bad = sum(bool(verify_row(r, tok)) for r in all_rows if r["kind"] == "keychain")
+    kc = [r for r in all_rows if r["kind"] == "keychain"]
+    bad = sum(bool(verify_row(r, tok)) for r in kc)
     print(f"rows in {out_dir}/; KeyChain rows failing verify: {bad}")
-    return 1 if bad else 0
+    if not kc:
+        print(f"keychain.py: demo built no KeyChain rows (--max_tokens={cfg.max_tokens} is too small for them)",
+              file=sys.stderr)
+    return 1 if bad or not kc else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(cli(main))

@@ -1,4 +1,5 @@
-"""Rule-based rewards and benchmark metrics: every score of the project comes from here.
+"""Rule-based rewards and benchmark metrics: every score of the project comes from here (LoongRL, arXiv 2510.19363:
+rule-based rewards; the authors' verl fork).
 
     python reward.py --rows=rows.jsonl --responses=responses.jsonl              # mean reward per source/kind
     python reward.py --rows=rows.jsonl --responses=r.jsonl --qa_metric=f1 --out=scored.jsonl

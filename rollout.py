@@ -1,4 +1,4 @@
-"""Rollout generation for GRPO (LOONGRL.md sections 5 and 8): G samples per prompt, with per-token log-probs.
+"""Rollout generation for GRPO (LoongRL, arXiv 2510.19363): G samples per prompt, with per-token log-probs.
 
     python rollout.py                                    # tiny random Qwen2 + byte tokenizer on CPU, 3 prompts
     python rollout.py --model=Qwen/Qwen2.5-7B-Instruct --n=2 --max_new_tokens=512 --engine=vllm --tp=1

@@ -77,15 +77,36 @@ else
   LAUNCH="--standalone"
 fi
 RUN=${RUN_DIR:-runs/$PRESET}
-TORCHRUN="$PY -m torch.distributed.run $LAUNCH --nproc_per_node=$NPROC"
+# Each step runs in the background and is waited for, so Ctrl-C / SIGTERM reach this script at once. torchrun
+# runs in its own session (no Ctrl-C traceback of its own) and is killed with this script (PR_SET_PDEATHSIG
+# via setpriv); its workers die with it (keychain.cli sets PR_SET_PDEATHSIG in each), so nothing keeps running.
+TORCHRUN="setsid setpriv --pdeathsig KILL $PY -m torch.distributed.run $LAUNCH --nproc_per_node=$NPROC"
+child=
+run() { "$@" & child=$!; wait $child; }
+stop() {
+  [ -n "$child" ] && kill -KILL "$child" 2>/dev/null
+  wait 2>/dev/null || true
+  echo; echo "train.sh: $1; run the same command again to resume $RUN" >&2
+  exit "$2"
+}
+trap 'stop interrupted 130' INT
+trap 'stop terminated 143' TERM
 say() { echo; echo "==== [$PRESET] $*"; }
 
 # fail before any heavy work: raw files, the model, this node's GPUs
 $PY curriculum.py check --preset="$PRESET" --run_dir="$RUN" --model="$MODEL" --nproc="$GPUS" --node_rank="$NODE_RANK" $DATA
 
+# one run per run directory (node 0 holds the lock): a second one would train every stage twice into the same files
+if [ "$NODE_RANK" = 0 ]; then
+  mkdir -p "$RUN"
+  exec 9>>"$RUN/.lock"  # append: the holder's line must survive a refused open
+  flock -n 9 || die "$RUN is in use by another run ($(cat "$RUN/.lock" 2>/dev/null || echo 'holder unknown')); wait for it or stop it"
+  echo "pid $$ on $(hostname) since $(date -u '+%Y-%m-%d %H:%M:%S UTC')" > "$RUN/.lock"
+fi
+
 say "data -> $RUN/data"
 if [ "$NODE_RANK" = 0 ]; then
-  $PY curriculum.py prepare --preset="$PRESET" --run_dir="$RUN" $DATA
+  run $PY curriculum.py prepare --preset="$PRESET" --run_dir="$RUN" $DATA
   touch "$RUN/data/.ready"
 else  # RUN_DIR must be on a filesystem all nodes share: node 0 builds, the others wait for it
   WAIT=${DATA_WAIT_S:-7200}; int DATA_WAIT_S "$WAIT"; t=0
@@ -96,13 +117,22 @@ else  # RUN_DIR must be on a filesystem all nodes share: node 0 builds, the othe
 fi
 
 prev=$MODEL
+if [ "$PRESET" = tiny ]; then  # a random model never writes </think>\boxed{}: teach it the format first
+  if [ -f "$RUN/format/hf/config.json" ]; then
+    say "format warm-up: done, skipping"
+  else
+    say "format warm-up: supervised <think> </think>\boxed{answer} on easy generated items"
+    run $PY curriculum.py format --preset="$PRESET" --run_dir="$RUN" $DATA
+  fi
+  prev=$RUN/format/hf
+fi
 for stage in warmup stage1; do
   if [ -f "$RUN/$stage/hf/config.json" ]; then
     say "$stage: done, skipping"
   else
     steps=$STEPS_1; [ $stage = warmup ] && steps=$STEPS_WARMUP
     say "$stage: GRPO from $prev"
-    $TORCHRUN grpo.py --data="$RUN/data/$stage.jsonl" --model="$prev" --out_dir="$RUN/$stage" $RL $steps
+    run $TORCHRUN grpo.py --data="$RUN/data/$stage.jsonl" --model="$prev" --out_dir="$RUN/$stage" $RL $steps
   fi
   prev=$RUN/$stage/hf
 done
@@ -111,14 +141,14 @@ if [ -f "$RUN/mining/report.json" ] && [ -f "$RUN/data/stage2.jsonl" ]; then
   say "hard mining: done, skipping"
 else
   say "hard mining: every Stage I item sampled G times with $prev"
-  $TORCHRUN curriculum.py mine --preset="$PRESET" --run_dir="$RUN" --model="$prev" --mine_mode="${MINE_MODE:-sample}" $MINE $DATA
+  run $TORCHRUN curriculum.py mine --preset="$PRESET" --run_dir="$RUN" --model="$prev" --mine_mode="${MINE_MODE:-sample}" $MINE $DATA
 fi
 
 if [ -f "$RUN/stage2/hf/config.json" ]; then
   say "stage2: done, skipping"
 else
   say "stage2: GRPO on the mined items from $prev"
-  $TORCHRUN grpo.py --data="$RUN/data/stage2.jsonl" --model="$prev" --out_dir="$RUN/stage2" $RL $STEPS_2
+  run $TORCHRUN grpo.py --data="$RUN/data/stage2.jsonl" --model="$prev" --out_dir="$RUN/stage2" $RL $STEPS_2
 fi
 
 if [ "$NODE_RANK" = 0 ]; then
@@ -126,9 +156,9 @@ if [ "$NODE_RANK" = 0 ]; then
     say "evaluation: done, skipping"
   elif [ -f eval.py ]; then
     say "evaluation of $RUN/stage2/hf"
-    $PY eval.py --model="$RUN/stage2/hf" --out_dir="$RUN/eval" $EVAL
+    run $PY eval.py --model="$RUN/stage2/hf" --out_dir="$RUN/eval" $EVAL
   fi
   say "summary"
-  $PY curriculum.py summary --run_dir="$RUN"
+  run $PY curriculum.py summary --run_dir="$RUN"
   echo "results: $RUN (summary.md, */log.jsonl, */rollouts/, mining/report.json, eval/)"
 fi

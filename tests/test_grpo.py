@@ -183,7 +183,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(rows_file, tmp_path):
                          for x in (Path(out) / "mining.jsonl").read_text().splitlines()]
     f, c = lines(full), lines(crash)
     at = lambda step: [x for x in f if x[0] == step]  # noqa: E731
-    assert c == at(1) + at(2) + at(3) + at(3) + at(4)  # step 3 ran twice: same prompts, same rewards
+    assert c == at(1) + at(2) + at(3) + at(4)  # step 3 ran twice; the resume cut its first record
+    assert [x["step"] for x in log_lines(crash)] == [1, 2, 3, 4] and "removed" in r.stdout
     assert sorted(p.name for p in (crash / "ckpt").iterdir()) == ["step_000002", "step_000004"]
 
 

@@ -113,7 +113,8 @@ def test_verl_parquet_maps_data_sources_to_kinds(tmp_path, tiny_tok):
     pq.write_table(pa.Table.from_pylist(recs), p)
     rows = kc.load_rows(str(p))
     assert [r["kind"] for r in rows] == ["math", "keychain", "qa", "choice", "ruler"]
-    assert rows[0]["messages"] == kc.chat("What is 2+3?") and rows[0]["answers"] == ["5"] and rows[0]["id"] == "math_dapo-7"
+    assert rows[0]["messages"] == kc.chat("What is 2+3?") and rows[0]["answers"] == ["5"] and rows[0]["id"] == "dapo-7"
+    assert rows[0]["source"] == "dapo"  # DAPO-Math-17k's data_source math_dapo: one name everywhere
     assert rows[1]["messages"][0] == {"role": "system", "content": kc.SYSTEM_PROMPT} and rows[1]["messages"][1]["content"] == kcq
     synthesized, _ = kc.synth(kc.Config(input=str(p), max_tokens=4096), tiny_tok)  # --kind plays no part
     assert [(r["kind"], r["num_tokens"]) for r in synthesized] == [
