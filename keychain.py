@@ -506,10 +506,11 @@ def _world(rng: random.Random, n: int) -> dict:
     used: set = set()
     # big enough that even a small dataset's pool fills a 16K-token context with distinct documents
     W: dict = {"country": [_name(rng, used, 1) for _ in range(max(16, n // 40))]}
-    W["city"] = [_name(rng, used, 1) + " City" for _ in range(max(60, n // 4))]
+    wide = lambda k: 1 if k <= 5000 else 2  # one-word names run out (27,900 of them) in a 90,000-item world  # noqa: E731
+    W["city"] = [_name(rng, used, wide(n // 4)) + " City" for _ in range(max(60, n // 4))]
     W["person"] = [_name(rng, used, 2) for _ in range(max(200, n))]
-    W["company"] = [_name(rng, used, 1) + " " + rng.choice(["Pictures", "Studios", "Films"]) for _ in range(max(60, n // 3))]
-    W["film"] = ["The " + _name(rng, used, 1) for _ in range(max(200, n))]
+    W["company"] = [_name(rng, used, wide(n // 3)) + " " + rng.choice(["Pictures", "Studios", "Films"]) for _ in range(max(60, n // 3))]
+    W["film"] = ["The " + _name(rng, used, wide(n)) for _ in range(max(200, n))]
     W["in_country"] = {c: rng.choice(W["country"]) for c in W["city"]}
     W["born_in"] = {p: rng.choice(W["city"]) for p in W["person"]}
     W["born_year"] = {p: rng.randint(1900, 1990) for p in W["person"]}
