@@ -209,3 +209,14 @@ def test_released_set_trains_warmup_on_non_keychain_rows(tmp_path, tiny_tok, raw
     assert {r["kind"] for r in wu} == {"qa", "ruler", "math", "choice"}
     kc_rows = [r for r in s1 if r["kind"] == "keychain"]
     assert len(kc_rows) == 1 and kc_rows[0]["num_tokens"] > 2048 and kc.verify_row(kc_rows[0], None) == []
+
+
+def test_grpo_fails_when_many_rows_exceed_max_prompt_tokens(tmp_path):
+    rows = [{"id": f"r{i}", "source": "s", "kind": "qa", "answers": ["a"], "num_tokens": 100 + 1000 * (i < 3),
+             "messages": kc.chat("q")} for i in range(10)]
+    kc.write_rows(tmp_path / "rows.jsonl", rows)
+    r = subprocess.run([sys.executable, "grpo.py", f"--data={tmp_path / 'rows.jsonl'}", "--model=tiny", "--device=cpu",
+                        f"--out_dir={tmp_path / 'out'}", "--max_prompt_tokens=500", "--steps=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0 and "3 of 10 rows over --max_prompt_tokens=500 left out" in r.stdout
+    assert "3 of 10 rows (over 2%) exceed --max_prompt_tokens=500" in r.stderr
