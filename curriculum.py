@@ -2,12 +2,15 @@
 warmup -> Stage I -> hard mining -> Stage II.
 
     python curriculum.py check   --preset=7b --run_dir=runs/7b --model=Qwen/Qwen2.5-7B-Instruct --nproc=8
+    torchrun ... curriculum.py filter --run_dir=runs/7b --filter_model=Qwen/Qwen2.5-32B-Instruct ...  # pass counts
     python curriculum.py prepare --preset=tiny --run_dir=runs/tiny          # build (or reuse) every stage's data
+    python curriculum.py prepare --preset=7b --released=LoongRL-Train-Data  # the authors' rows, no synthesis
     torchrun ... curriculum.py mine --run_dir=runs/tiny --model=runs/tiny/stage1/hf   # sample G times, drop G/G
     python curriculum.py summary --run_dir=runs/tiny
 
 train.sh runs these around grpo.py. A run directory shows what happened:
-    data/      raw/ (tiny: generated), one file per part, warmup.jsonl, stage1.jsonl, stage2.jsonl, manifest.json
+    data/      raw/ (tiny: generated), one file per part, warmup.jsonl, stage1.jsonl, stage2.jsonl, manifest.json,
+               filter/ (counts.rank*.jsonl as sampled, counts.jsonl, the kept items per source)
     warmup/ stage1/ stage2/   grpo.py out_dirs: ckpt/, hf/ (written last: the stage is done), log.jsonl,
                               rollouts/, mining.jsonl (every item's rewards during training)
     mining/    counts.jsonl (id, n, k per Stage I item), report.json
@@ -36,7 +39,7 @@ STAGES = {"warmup": ("qa", "ruler", "math"),  # no KeyChain yet
 
 @dataclass
 class Config:
-    command: str = "prepare"  # check | prepare | format | mine | summary
+    command: str = "prepare"  # check | filter | prepare | format | mine | summary
     preset: str = "tiny"
     run_dir: str = ""  # default runs/<preset>
     tokenizer: str = ""  # the policy's tokenizer (empty: the tiny byte tokenizer)
@@ -52,6 +55,18 @@ class Config:
     dapo: str = ""
     mathqa: str = ""
     haystack: str = ""  # a book for the RULER needles; empty = the synthetic haystack
+    released: str = ""  # the authors' released set (a folder of verl parquet files, or one file): its rows, no synthesis
+    released_cut: bool = False  # drop released rows over max_tokens (default: keep every row, as the authors trained)
+    # difficulty filter (paper 2.2): G answers per raw QA item on its own short context, keep lo..hi correct
+    filter_model: str = ""  # the strong model (paper: Qwen2.5-32B-Instruct); empty = no filter (tiny)
+    filter_counts: str = ""  # an existing counts file (JSONL {id: "source/item id", n, k}) instead of sampling
+    filter_group: int = 8
+    filter_temperature: float = 1.0
+    filter_new_tokens: int = 2048
+    filter_lo: int = 1  # keep items solved lo..hi of G: neither trivial nor hopeless
+    filter_hi: int = 6
+    filter_tp: int = 0  # tensor parallel for the filter model (0 = --tp)
+    filter_max_prompt: int = 8192  # raw items' own contexts are short; longer ones get no count (filtered out)
     nproc: int = 0  # check: GPUs needed on this node (0 = CPU run)
     # hard mining
     mine_mode: str = "sample"  # sample: G fresh samples per item | rollouts: Stage I's own rollouts
@@ -91,51 +106,123 @@ def sizes(scale: float) -> dict[str, dict[str, int]]:
     return out
 
 
-def manifest(cfg: Config, raw: dict[str, str]) -> dict:
+def released_files(path: str) -> list[Path]:
+    """The released set's training parquet files (a folder holds train and maybe test splits: train only)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*.parquet") if not any(w in f.name.lower() for w in ("test", "val")))
+    if not files:
+        raise SystemExit(f"RELEASED={path}: no training .parquet files found")
+    return files
+
+
+def counts_path(cfg: Config, run: Path) -> Path:
+    return Path(cfg.filter_counts) if cfg.filter_counts else run / "data" / "filter" / "counts.jsonl"
+
+
+def manifest(cfg: Config, raw: dict[str, str], run: Path | None = None) -> dict:
     """Everything the built data depends on; equal manifests mean the data can be reused."""
-    files = {k: [p, os.path.getsize(p), int(os.path.getmtime(p))] if p else None for k, p in raw.items()}
-    keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "seed")
+    stamp = lambda p: [str(p), os.path.getsize(p), int(os.path.getmtime(p))]  # noqa: E731
+    if cfg.released:
+        files = {"released": [stamp(f) for f in released_files(cfg.released)]}
+    else:
+        files = {k: stamp(p) if p else None for k, p in raw.items()}
+        if (cfg.filter_model or cfg.filter_counts) and run is not None:
+            files["filter_counts"] = stamp(counts_path(cfg, run))
+    keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "seed", "released", "released_cut",
+            "filter_model", "filter_lo", "filter_hi")
     code = Path(keychain.__file__).read_bytes() + Path(__file__).read_bytes()
     return {"settings": {k: getattr(cfg, k) for k in keys}, "mix": sizes(cfg.scale), "raw": files,
             "code": hashlib.sha256(code).hexdigest()[:16]}
+
+
+def filtered_inputs(cfg: Config, run: Path, raw: dict[str, str]) -> dict[str, str]:
+    """The QA sources' items kept by the difficulty filter (lo..hi of G correct), one items file per source."""
+    path = counts_path(cfg, run)
+    if not path.exists():
+        raise SystemExit(f"no pass counts at {path}: run `curriculum.py filter` first (train.sh does) or set FILTER_COUNTS")
+    counts = keychain.read_counts(str(path))
+    out = dict(raw)
+    for src in QA_SOURCES:
+        items, _ = keychain.load_items(raw[src], source=src)
+        mine = {i.split("/", 1)[1]: c for i, c in counts.items() if i.startswith(src + "/")}
+        kept, stats = keychain.filter_items(items, mine, cfg.filter_lo, cfg.filter_hi)
+        print(f"difficulty filter {src}: {stats}")
+        out[src] = str(run / "data" / "filter" / f"{src}.jsonl")
+        keychain.write_rows(out[src], kept)
+    return out
 
 
 def prepare(cfg: Config, run: Path) -> dict[str, Path]:
     """Build every part and the stage mixes under run/data, or reuse them when the manifest is unchanged."""
     data = run / "data"
     raw = raw_paths(cfg, run)
-    missing = [f"{k}: {p or '(not set)'}" for k, p in raw.items() if k != "haystack" and not (p and Path(p).exists())]
-    if missing:
-        raise SystemExit("missing raw files (set HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA):\n  " + "\n  ".join(missing))
-    man = manifest(cfg, raw)
+    if cfg.released:
+        released_files(cfg.released)
+    else:
+        missing = [f"{k}: {p or '(not set)'}" for k, p in raw.items() if k != "haystack" and not (p and Path(p).exists())]
+        if missing:
+            raise SystemExit("missing raw files (set HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA, or RELEASED):\n  "
+                             + "\n  ".join(missing))
+        if (cfg.filter_model or cfg.filter_counts) and not counts_path(cfg, run).exists():
+            raise SystemExit(f"no pass counts at {counts_path(cfg, run)}: run `curriculum.py filter` first or set FILTER_COUNTS")
+    man = manifest(cfg, raw, run)
     stages = {s: data / f"{s}.jsonl" for s in STAGES}
     man_path = data / "manifest.json"
     if man_path.exists() and json.loads(man_path.read_text()) == man and all(p.exists() for p in stages.values()):
         print(f"data: reusing {data} (same settings)")
         return stages
     tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(data / "tiny-tokenizer"))
+    if cfg.released:
+        parts = released_parts(cfg, tok)
+    else:
+        if cfg.filter_model or cfg.filter_counts:
+            raw = filtered_inputs(cfg, run, raw)
+        parts = synth_parts(cfg, tok, raw, data)
+    for stage, names in STAGES.items():
+        mix = [r for p in names for r in parts.get(p, [])]
+        random.Random(f"{cfg.seed}/{stage}").shuffle(mix)
+        keychain.write_rows(stages[stage], mix)
+    keychain.atomic_write(man_path, lambda tmp: tmp.write_text(json.dumps(man, indent=1)))
+    print(keychain.summarize([r for rows in parts.values() for r in rows], {}))
+    return stages
+
+
+def synth_parts(cfg: Config, tok, raw: dict[str, str], data: Path) -> dict[str, list[dict]]:
+    """Every part of the mix synthesized from the raw files (keychain.py), one file per part."""
     base = keychain.Config(max_tokens=cfg.max_tokens, key_style=cfg.key_style, seed=cfg.seed, haystack=raw["haystack"])
     parts: dict[str, list[dict]] = {}
     for part, per_source in sizes(cfg.scale).items():
-        rows, stats = [], {}
+        rows = []
         for src, n in per_source.items():
             # plain QA draws its items with another seed than KeyChain, so the two parts share few items
             c = dataclasses.replace(base, kind=part, n=n, source=src,
                                     input=raw.get(src, ""), seed=cfg.seed + (part == "qa"))
             got, st = keychain.synth(c, tok)
             rows += got
-            stats.update({f"{src} {k}": v for k, v in st.items()})
             if len(got) < n:
                 print(f"warning: {part}/{src}: {len(got)} rows of {n} wanted ({st})")
         keychain.write_rows(data / f"{part}.jsonl", rows)
         parts[part] = rows
-    for stage, names in STAGES.items():
-        mix = [r for p in names for r in parts[p]]
-        random.Random(f"{cfg.seed}/{stage}").shuffle(mix)
-        keychain.write_rows(stages[stage], mix)
-    keychain.atomic_write(man_path, lambda tmp: tmp.write_text(json.dumps(man, indent=1)))
-    print(keychain.summarize([r for rows in parts.values() for r in rows], {}))
-    return stages
+    return parts
+
+
+def released_parts(cfg: Config, tok) -> dict[str, list[dict]]:
+    """The authors' released rows, every one kept (unless --released_cut), split into our parts by kind:
+    warmup then trains on its non-KeyChain rows, Stage I on all of them."""
+    parts: dict[str, list[dict]] = {p: [] for p in MIX}
+    seen: set = set()
+    for f in released_files(cfg.released):
+        c = keychain.Config(input=str(f), max_tokens=cfg.max_tokens, cut_tasks=cfg.released_cut, seed=cfg.seed)
+        rows, stats = keychain.synth(c, tok)
+        print(f"released {f.name}: {len(rows)} rows {({k: v for k, v in stats.items() if k != 'requested'})}")
+        for r in rows:
+            while r["id"] in seen:  # two files may number their rows alike
+                r["id"] += "+"
+            seen.add(r["id"])
+            parts["math" if r["kind"] == "choice" else r["kind"]].append(r)
+    return parts
 
 
 # ----------------------------------------------------------------------------- tiny format warm-up
@@ -221,14 +308,18 @@ def counts_from_rollouts(path: Path) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def sample_counts(cfg: Config, rows: list[dict], out: Path) -> dict[str, tuple[int, int]]:
-    """G samples per item at temperature 0.6 with the Stage I checkpoint, over all ranks (torchrun).
+def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: int, temperature: float,
+                max_new_tokens: int, tp: int, max_prompt: int, tokenizer: str, render, score) -> dict[str, tuple[int, int]]:
+    """Sample `group` answers per job and count the correct ones, over all ranks (torchrun): the difficulty
+    filter (a strong model at T=1.0 on raw items) and hard mining (the Stage I checkpoint at T=0.6 on training
+    rows) are this one operation. render(tok, job) -> prompt text; score(jobs, texts) -> [correct?].
 
-    Each rank appends its counts to out/counts.rank{r}.jsonl as it goes; a rerun skips what is there."""
+    Each rank appends to out/counts.rank{r}.jsonl as it goes; a rerun (at any world size) skips every id
+    already in one of those files. Jobs whose prompt exceeds max_prompt tokens get no count."""
     import torch.distributed as dist
+    from tqdm import tqdm
 
     import grpo
-    import reward
     import rollout
 
     rank, world, device = grpo.init_distributed(grpo.Config(device="auto"))
@@ -236,36 +327,87 @@ def sample_counts(cfg: Config, rows: list[dict], out: Path) -> dict[str, tuple[i
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    tok = keychain.load_tokenizer(cfg.tokenizer or cfg.model)
-    part = out / f"counts.rank{rank}.jsonl"
-    if grpo.trim_jsonl(part):  # a crash can tear the last line; the item is sampled again
-        print(f"{part}: removed a torn line; its item is sampled again")
-    done = {rec["id"] for _, rec in keychain.read_records(part)} if part.exists() else set()
-    mine = [r for r in rows[rank::world] if r["id"] not in done]
+    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # a crash can tear a last line; its item is sampled again
+        for f in sorted(out.glob("counts.rank*.jsonl")):
+            if grpo.trim_jsonl(f):
+                print(f"{f}: removed a torn line; its item is sampled again")
+    dist.barrier()
+    read = lambda: {rec["id"]: (rec["n"], rec["k"]) for f in sorted(out.glob("counts.rank*.jsonl"))  # noqa: E731
+                    for _, rec in keychain.read_records(f)}
+    done = read()
+    mine = [j for j in jobs if j["id"] not in done][rank::world]
+    tok = keychain.load_tokenizer(tokenizer)
     kind = cfg.engine if cfg.engine != "auto" else ("vllm" if device.type == "cuda" and grpo._has("vllm") else "hf")
-    rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                          max_prompt_tokens=max([r.get("num_tokens", 0) for r in rows] + [cfg.max_tokens]),
-                          device=str(device), tp=cfg.tp, seed=cfg.seed)
-    engine = rollout.make_engine(rcfg, cfg.model, tok)
-    from tqdm import tqdm
-
+    rcfg = rollout.Config(engine=kind, n=group, temperature=temperature, max_new_tokens=max_new_tokens,
+                          max_prompt_tokens=max_prompt, device=str(device), tp=tp, seed=cfg.seed)
+    engine = rollout.make_engine(rcfg, model, tok)
+    part, too_long = out / f"counts.rank{rank}.jsonl", 0
     # the same number of generate calls on every rank: vLLM's tensor-parallel groups gather inside each call
     calls = int(grpo.all_max((len(mine) + cfg.batch - 1) // cfg.batch, device))
-    for s in tqdm(range(0, calls * cfg.batch, cfg.batch), desc="mining", disable=rank != 0):
-        batch = mine[s:s + cfg.batch]
-        ids = [tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"] for r in batch]
-        outs = engine.generate(ids, seed=[grpo.hash_seed(cfg.seed, 7, hash_id(r["id"])) for r in batch])
-        scored = reward.score_batch([r for r in batch for _ in range(cfg.group)], [c.text for cs in outs for c in cs])
+    for s in tqdm(range(0, calls * cfg.batch, cfg.batch), desc=f"pass counts ({group} per item)", disable=rank != 0):
+        batch = [(j, tok(render(tok, j), add_special_tokens=False)["input_ids"]) for j in mine[s:s + cfg.batch]]
+        too_long += sum(len(ids) > max_prompt for _, ids in batch)
+        batch = [(j, ids) for j, ids in batch if len(ids) <= max_prompt]
+        outs = engine.generate([ids for _, ids in batch], seed=[grpo.hash_seed(cfg.seed, 7, hash_id(j["id"])) for j, _ in batch])
+        ok = score([j for j, _ in batch for _ in range(group)], [c.text for cs in outs for c in cs])
         with open(part, "a") as f:
-            for i, r in enumerate(batch):
-                k = sum(x >= 1.0 for x, _ in scored[i * cfg.group:(i + 1) * cfg.group])
-                f.write(json.dumps({"id": r["id"], "n": cfg.group, "k": int(k)}) + "\n")
+            for i, (j, _) in enumerate(batch):
+                f.write(json.dumps({"id": j["id"], "n": group, "k": int(sum(ok[i * group:(i + 1) * group]))}) + "\n")
+    if too_long:
+        print(f"rank {rank}: {too_long} items over {max_prompt} prompt tokens got no pass count")
     dist.barrier()
-    counts = {}
-    for r in range(world):
-        for _, rec in keychain.read_records(out / f"counts.rank{r}.jsonl"):
-            counts[rec["id"]] = (rec["n"], rec["k"])
-    return counts
+    return read()
+
+
+def filter_correct(text: str, golds: list[str]) -> bool:
+    """The authors' filter rule: prediction = the text after the first "the answer is" (any case), normalized;
+    correct when it is a substring of a normalized gold. No "the answer is", or nothing after it, is wrong
+    (an empty string is a substring of everything)."""
+    import reward
+
+    i = text.lower().find("the answer is")
+    if i < 0:
+        return False
+    pred = reward.normalize_answer(text[i + len("the answer is"):])
+    return bool(pred) and any(pred in reward.normalize_answer(g) for g in golds)
+
+
+def difficulty_filter(cfg: Config, run: Path) -> None:
+    """Pass counts of every raw QA item with the filter model -> run/data/filter/counts.jsonl (resumable)."""
+    raw = raw_paths(cfg, run)
+    jobs = []
+    for src in QA_SOURCES:
+        items, _ = keychain.load_items(raw[src], source=src)
+        jobs += [{**it, "id": f"{src}/{it['id']}"} for it in items]
+    render = lambda tok, it: tok.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": keychain.filter_prompt(it)}], tokenize=False, add_generation_prompt=True)
+    score = lambda its, texts: [filter_correct(t, it["answers"]) for it, t in zip(its, texts)]  # noqa: E731
+    out = counts_path(cfg, run).parent
+    counts = pass_counts(cfg, jobs, out, model=cfg.filter_model, group=cfg.filter_group,
+                         temperature=cfg.filter_temperature, max_new_tokens=cfg.filter_new_tokens,
+                         tp=cfg.filter_tp or cfg.tp, max_prompt=cfg.filter_max_prompt, tokenizer=cfg.filter_model,
+                         render=render, score=score)
+    import grpo
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        keychain.write_rows(out / "counts.jsonl", [{"id": i, "n": n, "k": k} for i, (n, k) in counts.items()])
+        kept = sum(cfg.filter_lo <= k <= cfg.filter_hi for _, k in counts.values())
+        print(f"difficulty filter: {len(counts)} of {len(jobs)} items counted, {kept} solved "
+              f"{cfg.filter_lo}..{cfg.filter_hi} of {cfg.filter_group}")
+    grpo.finish()
+
+
+def mining_counts(cfg: Config, rows: list[dict], out: Path) -> dict[str, tuple[int, int]]:
+    """G samples per Stage I item at temperature 0.6 with the Stage I checkpoint, scored by the training reward."""
+    import reward
+
+    render = lambda tok, r: keychain.render_prompt(tok, r["messages"])  # noqa: E731
+    score = lambda rs, texts: [x >= 1.0 for x, _ in reward.score_batch(rs, texts)]  # noqa: E731
+    return pass_counts(cfg, rows, out, model=cfg.model, group=cfg.group, temperature=cfg.temperature,
+                       max_new_tokens=cfg.max_new_tokens, tp=cfg.tp,
+                       max_prompt=max([r.get("num_tokens", 0) for r in rows] + [cfg.max_tokens]),
+                       tokenizer=cfg.tokenizer or cfg.model, render=render, score=score)
 
 
 def hash_id(s: str) -> int:
@@ -282,7 +424,7 @@ def mine(cfg: Config, run: Path) -> None:
         counts = counts_from_rollouts(run / "stage1" / "mining.jsonl")
         rows = [r for r in rows if r["id"] in counts]  # items Stage I never drew stay out
     else:
-        counts = sample_counts(cfg, rows, out)
+        counts = mining_counts(cfg, rows, out)
         if int(os.environ.get("RANK", 0)) != 0:
             import grpo
 
@@ -311,7 +453,10 @@ def report_table(report: dict) -> str:
 def check(cfg: Config, run: Path) -> None:
     """Fail fast, before any heavy work: raw files, the model, and this node's GPUs."""
     errors = []
-    if cfg.preset not in ("tiny", "gpu1") and cfg.node_rank == 0:  # other nodes read node 0's data
+    if cfg.released:  # the authors' rows replace the raw files
+        if not Path(cfg.released).exists():
+            errors.append(f"RELEASED not found: {cfg.released}")
+    elif cfg.preset not in ("tiny", "gpu1") and cfg.node_rank == 0:  # other nodes read node 0's data
         raw = raw_paths(cfg, run)
         errors += [f"raw file for {k} not found: {p or '(not set)'}" for k, p in raw.items()
                    if k != "haystack" and not (p and Path(p).exists())]
@@ -502,7 +647,7 @@ def summary(run: Path) -> str:
 
 
 PRESETS = ("tiny", "gpu1", "7b", "14b", "7b-mi300x")  # train.sh's presets
-COMMANDS = ("check", "prepare", "format", "mine", "summary")
+COMMANDS = ("check", "filter", "prepare", "format", "mine", "summary")
 
 
 def validate(cfg: Config, run: Path) -> None:
@@ -539,6 +684,8 @@ def main(argv: list[str]) -> int:
         check(cfg, run)
     elif cfg.command == "prepare":
         prepare(cfg, run)
+    elif cfg.command == "filter":
+        difficulty_filter(cfg, run)
     elif cfg.command == "format":
         format_warmup(cfg, run)
     elif cfg.command == "mine":
@@ -546,7 +693,7 @@ def main(argv: list[str]) -> int:
     elif cfg.command == "summary":
         print(summary(run))
     else:
-        raise SystemExit(f"unknown command {cfg.command!r}: check | prepare | mine | summary")
+        raise SystemExit(f"unknown command {cfg.command!r}: check | filter | prepare | mine | summary")
     return 0
 
 

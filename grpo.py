@@ -393,8 +393,12 @@ class Trainer:
         dist.barrier()
         self.tok = keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
         self.rows = [r for r in rows if r.get("num_tokens", 0) <= cfg.max_prompt_tokens]
-        if len(self.rows) < len(rows) and self.rank == 0:
-            print(f"{cfg.data}: {len(rows) - len(self.rows)} rows over --max_prompt_tokens left out")
+        dropped = len(rows) - len(self.rows)  # long KeyChain rows must not vanish silently: count, print, fail
+        if dropped and self.rank == 0:
+            print(f"{cfg.data}: {dropped} of {len(rows)} rows over --max_prompt_tokens={cfg.max_prompt_tokens} left out")
+        if dropped > 0.02 * len(rows):
+            raise SystemExit(f"{cfg.data}: {dropped} of {len(rows)} rows (over 2%) exceed --max_prompt_tokens="
+                             f"{cfg.max_prompt_tokens}; raise it or rebuild the data")
         if not self.rows:
             raise SystemExit(f"{cfg.data}: no rows")
         self.reward_cfg = rewards.Config(qa_metric=cfg.qa_metric)

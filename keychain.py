@@ -5,15 +5,18 @@ KeyChain; the authors' synthesis code).
     python keychain.py synth --input=data/raw/hotpotqa.json --kind=keychain --tokenizer=... --out=kc.jsonl
     python keychain.py verify --input=kc.jsonl --tokenizer=...
     python keychain.py filter --input=data/raw/hotpotqa.json --counts=counts.jsonl --out=kept.jsonl
+    (pass counts are sampled by `curriculum.py filter`: one function with Stage II's hard mining)
 
-Pipeline: load raw items -> (difficulty filter) -> fill a context to exactly <= max_tokens with the
-item's own documents plus random fillers from the dataset's deduplicated pool -> insert KeyChain
-UUID chains (kind=keychain) or not (kind=qa) -> one chat row per item. RULER needles and math rows
-come out of the same `synth` command with kind=ruler / math / choice.
+Pipeline: load raw items -> (difficulty filter) -> fill a context to L = max_tokens with the item's own
+documents plus random fillers from the dataset's deduplicated pool -> insert KeyChain UUID chains on top
+(kind=keychain: 16 chains of 4 pairs at 16K, the layout of the authors' released training files) or not
+(kind=qa) -> one chat row per item. RULER needles and math rows come out of the same `synth` command with
+kind=ruler / math / choice. `--budget=total` fits the whole prompt, chains included, inside L instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -33,12 +36,20 @@ SYSTEM_PROMPT = (
     "\\boxed{} tags, respectively, i.e., <think> reasoning process here </think> \\boxed{answer here}."
 )
 PREFILL = "<think>"  # the assistant turn is prefilled with this (authors' chat template)
+# the authors' training code and released data (no backticks, no quotes, no closing sentence) ...
 KEYCHAIN_PROMPT = (
+    "Please read the following text.\n{context}\n\nIn the context above, there is one correct question to "
+    "answer. The correct question can only be found by following the correct consecutive chain of key:value "
+    "pairs encoded with UUID strings (e.g., f81d4fae-7dec-11d0-a765-00a0c91e6bf6), starting from {start_key}."
+)
+# ... and the poster's variant (--instruction=poster)
+KEYCHAIN_PROMPT_POSTER = (
     "Please read the following text.\n{context}\n\nIn the context above, there is one correct question to "
     "answer. The correct question can only be found by following the correct consecutive chain of key:value "
     "pairs encoded with UUID strings (e.g., `f81d4fae-7dec-11d0-a765-00a0c91e6bf6`), starting from "
     "`\"{start_key}\"`.\nFind the correct question first, then answer it."
 )
+KEYCHAIN_PROMPTS = {"code": KEYCHAIN_PROMPT, "poster": KEYCHAIN_PROMPT_POSTER}
 QA_PROMPT = "The following are given passages.\n{context}\n\nQuestion: {question}"
 FILTER_PROMPT = (
     "The following are given passages.\n{context}\n\nAnswer the question based on the given passages. "
@@ -65,21 +76,20 @@ class Config:
     format: str = "auto"  # auto | hotpotqa | 2wiki | musique | longbench | verl | dapo | mathqa | items
     source: str = ""  # dataset name; guessed from the file name when empty
     tokenizer: str = ""  # path or hub id; empty = build the tiny byte tokenizer
-    max_tokens: int = 16384  # L: the whole prompt (system, instruction, chains, chat template) fits in it
+    max_tokens: int = 16384  # L: the rendered prompt without the chains fits in it (--budget=total: with them)
+    budget: str = "docs"  # docs: documents fill L, chains go on top (released data: 16.3K-20.7K at 16K) | total
     n: int = 0  # rows to write (0 = one per input item; ruler: 0 = 64)
     seed: int = 0
     placement: str = "shuffle"  # shuffle | middle (core documents near the middle, truncated Gaussian)
-    chains_per_1k: float = 4.0  # 64 chains at 16K (4 per 1,024 tokens)
+    chains: int = 0  # chains per KeyChain row; 0 = one per 1,024 tokens of L (16 at 16K, the released data)
     hops: int = 4  # keys per chain -> pairs per chain: key1->key2 ... key4->question
-    key_style: str = "uuid"  # uuid (36 chars, poster) | short (8 hex, authors' final code)
-    needles: int = 4  # ruler: needles with distinct keys (multi-key) or values (multi-value)
+    key_style: str = "uuid"  # uuid (36 chars, released data) | short (8 hex, a later commit of the authors' code)
+    instruction: str = "code"  # code: the authors' code and released data | poster: backticks, quotes, last sentence
+    needles: int = 20  # ruler: needles with distinct keys (multi-key) or values (multi-value); authors' 20key/20value
     ruler_mode: str = "mix"  # multikey | multivalue | mix
     haystack: str = ""  # ruler: a plain text file (a book); empty = built-in synthetic haystack
-    counts: str = ""  # filter: JSONL of {"id", "n", "k"} pass counts (sampled with --model when the file is absent)
-    model: str = ""  # filter: the strong model that samples the pass counts (paper: Qwen2.5-32B-Instruct)
-    samples: int = 8  # filter: samples per item (temperature 1.0)
-    new_tokens: int = 2048  # filter: new tokens per sample
-    engine: str = "hf"  # filter: rollout.py engine (hf | vllm)
+    counts: str = ""  # filter: JSONL of {"id", "n", "k"} pass counts (curriculum.py filter samples them)
+    cut_tasks: bool = False  # task files (verl incl. the released set, DAPO, MathQA): drop rows over max_tokens
     lo: int = 1  # filter: keep items with lo <= k <= hi (paper: 1..6 of 8)
     hi: int = 6
     batch: int = 64  # rows tokenized together in the exact final pass
@@ -164,6 +174,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through `write(tmp_path)` and rename, so a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -171,6 +182,23 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Remove `.name.tmpPID` files that a killed writer left behind (its process is gone)."""
+    for t in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):
+        pid = t.name[len(path.name) + 5:]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            if int(pid) != os.getpid():
+                continue  # a live writer: leave its file alone
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        t.unlink(missing_ok=True)
 
 
 def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> int:
@@ -344,13 +372,27 @@ def guess_source(path: str) -> str:
     return Path(path).name.split(".")[0]
 
 
+# the raw shapes each named source comes in: a --source that names another dataset is probably a mistake
+SOURCE_FORMATS = {"hotpotqa": {"hotpotqa", "2wiki"}, "2wiki": {"hotpotqa", "2wiki"}, "musique": {"musique"},
+                  "dapo": {"verl", "dapo"}, "mathqa": {"mathqa"}}
+
+
+def check_source(path: str, fmt: str, source: str) -> None:
+    """Warn when --source names a dataset whose raw shape is not the one detected in the file."""
+    if source in SOURCE_FORMATS and fmt not in SOURCE_FORMATS[source] | {"items", "longbench"}:
+        print(f"warning: {path}: --source={source} but the records look like {fmt}", file=sys.stderr)
+
+
 def load_items(path: str, fmt: str = "auto", source: str = "") -> tuple[list[dict], dict]:
     """Raw QA file -> items. Returns (items, skip counts). Malformed records raise DataError(file, record)."""
     default = source or guess_source(path)
     items, skips = [], {}
     for i, rec in read_records(path):
         where = f"{path}: record {i}"
-        f = fmt = fmt if fmt != "auto" else guess_format(rec, where)  # the first record decides for the file
+        if fmt == "auto":  # the first record decides for the file
+            fmt = guess_format(rec, where)
+            check_source(path, fmt, source)
+        f = fmt
         src = default
         if f in ("hotpotqa", "2wiki"):
             rid = rec.get("_id", rec.get("id")) if isinstance(rec, dict) else None
@@ -393,13 +435,15 @@ CHOICE_RE = re.compile(r"([a-e])\s*\)\s*(.*?)\s*(?=,\s*[a-e]\s*\)|$)", re.S)
 
 
 def verl_kind(data_source: str, text: str) -> str:
-    """The released verl parquet names each row's origin in data_source; map it to our row kinds."""
+    """The released verl parquet names each row's origin in data_source; map it to our row kinds. The
+    instruction text decides first (a KeyChain row and a plain QA row may share a source name)."""
     ds = data_source.lower()
     if "keychain" in ds or "consecutive chain of key:value" in text:
         return "keychain"
     if "mathqa" in ds or "choice" in ds:
         return "choice"
-    if "ruler" in ds or "niah" in ds or "special magic" in text:
+    # RULER-style needles: book_20key_*, book_20value_* and the sentence-needle rows ("needle", "niah")
+    if any(s in ds for s in ("ruler", "niah", "needle", "book", "key", "value")) or "special magic" in text:
         return "ruler"
     if "math" in ds or "dapo" in ds or "aime" in ds or "gsm" in ds:
         return "math"
@@ -408,12 +452,25 @@ def verl_kind(data_source: str, text: str) -> str:
     raise DataError(f"unknown data_source {data_source!r}")
 
 
+# the start key in either instruction wording: `"<key>"` (poster) or bare (the authors' code)
+START_RE = re.compile(r'starting from (?:`"(?P<q>[^"`]+)"`\.\nFind the correct question first, then answer it\.'
+                      r'|(?P<b>[0-9a-fA-F-]{8,36})\.)\s*$')
+
+
+def start_key(user: str) -> str | None:
+    m = START_RE.search(user)
+    return (m.group("q") or m.group("b")) if m else None
+
+
 def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
     """Files that already are single-turn tasks (verl parquet incl. DAPO-Math-17k, MathQA) -> our rows."""
-    rows = []
+    rows, seen = [], set()
     for i, rec in read_records(path):
         where = f"{path}: record {i}"
-        f = fmt = fmt if fmt != "auto" else guess_format(rec, where)
+        if fmt == "auto":
+            fmt = guess_format(rec, where)
+            check_source(path, fmt, source)
+        f = fmt
         if f in ("verl", "dapo"):
             prompt = _field(rec, "prompt", where, list)
             if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
@@ -435,8 +492,14 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
             name = source or {"math_dapo": "dapo"}.get(ds, ds)  # DAPO-Math-17k's data_source; one name everywhere
             row = {"id": f"{name}-{idx}", "source": name,  # ids unique across mixed sources
                    "kind": kind, "messages": msgs, "answers": answers}
-            if kind == "keychain" and isinstance(extra, dict):
-                row.update({k: extra[k] for k in ("start_key", "question") if k in extra})
+            if kind == "keychain":  # the released rows: the real question in extra_info, the start key in the text
+                ex = extra if isinstance(extra, dict) else {}
+                q = ex.get("question", ex.get("input_question"))
+                if isinstance(q, str) and q:
+                    row["question"] = q
+                key = ex.get("start_key") or start_key(msgs[-1]["content"])
+                if key:
+                    row["start_key"] = key
         elif f == "mathqa":
             problem, opts = _field(rec, "Problem", where, str), _field(rec, "options", where, (str, list))
             opts = ", ".join(opts) if isinstance(opts, list) else opts
@@ -450,6 +513,9 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
                    "answers": [letter.upper()]}
         else:
             raise DataError(f"{where}: format {f!r} holds QA items, not finished tasks")
+        if row["id"] in seen:  # two files' index columns may collide: the record number keeps ids unique
+            row["id"] += f"-r{i}"
+        seen.add(row["id"])
         rows.append(row)
     return rows
 
@@ -482,10 +548,11 @@ def _world(rng: random.Random, n: int) -> dict:
     used: set = set()
     # big enough that even a small dataset's pool fills a 16K-token context with distinct documents
     W: dict = {"country": [_name(rng, used, 1) for _ in range(max(16, n // 40))]}
-    W["city"] = [_name(rng, used, 1) + " City" for _ in range(max(60, n // 4))]
+    wide = lambda k: 1 if k <= 5000 else 2  # one-word names run out (27,900 of them) in a 90,000-item world  # noqa: E731
+    W["city"] = [_name(rng, used, wide(n // 4)) + " City" for _ in range(max(60, n // 4))]
     W["person"] = [_name(rng, used, 2) for _ in range(max(200, n))]
-    W["company"] = [_name(rng, used, 1) + " " + rng.choice(["Pictures", "Studios", "Films"]) for _ in range(max(60, n // 3))]
-    W["film"] = ["The " + _name(rng, used, 1) for _ in range(max(200, n))]
+    W["company"] = [_name(rng, used, wide(n // 3)) + " " + rng.choice(["Pictures", "Studios", "Films"]) for _ in range(max(60, n // 3))]
+    W["film"] = ["The " + _name(rng, used, wide(n)) for _ in range(max(200, n))]
     W["in_country"] = {c: rng.choice(W["country"]) for c in W["city"]}
     W["born_in"] = {p: rng.choice(W["city"]) for p in W["person"]}
     W["born_year"] = {p: rng.randint(1900, 1990) for p in W["person"]}
@@ -623,6 +690,13 @@ class Pool:
         self.order = sorted(range(len(self.docs)), key=lambda j: self.ntok[j])  # by cost, to top up the tail
         self.sorted_ntok = [self.ntok[j] for j in self.order]
         self.questions = list(dict.fromkeys(it["question"] for it in items))
+        # normalized once per pool: one representative question per normalized form (distractor candidates),
+        # and the documents of every item asking it (never fillers of another item with the same question)
+        self.norm = {q: norm_q(q) for q in self.questions}
+        self.distinct = list({self.norm[q]: q for q in reversed(self.questions)}.values())[::-1]
+        self.docs_of: dict[str, set[int]] = {}
+        for it in items:
+            self.docs_of.setdefault(self.norm[it["question"]], set()).update(self.index[d] for d in it["docs"])
         self.tok, self.sep, self.headers = tok, 0.0, [0.0]
         # what joining with "\n\n" really costs per passage (".\n\n" is one token in Qwen's BPE), measured once
         sample = random.Random(0).sample(self.docs, min(len(self.docs), 200))
@@ -649,9 +723,10 @@ def fill_context(item: dict, pool: Pool, budget: int, rng: random.Random, placem
     used = sum(pool.ntok[j] + pool.header(i + 1) for i, j in enumerate(core))
     if used > budget:
         return None
-    taken, fillers, misses = set(core), [], 0
+    # documents of other items with the same (normalized) question would answer it from a filler: never drawn
+    taken, fillers, misses = set(core) | pool.docs_of.get(pool.norm.get(item["question"], ""), set()), [], 0
     while True:
-        head = pool.header(len(taken) + 1)  # passage numbers 1..n cost the same in any order
+        head = pool.header(len(core) + len(fillers) + 1)  # passage numbers 1..n cost the same in any order
         k = bisect.bisect_right(pool.sorted_ntok, budget - used - head)  # only documents that still fit
         if k == 0:
             break
@@ -769,7 +844,7 @@ class Budget:
     The final prompt is always tokenized exactly; an estimate that overshoots L only costs a rebuild.
     """
 
-    def __init__(self, tok, pool: Pool, style: str, seed: int = 0):
+    def __init__(self, tok, pool: Pool, style: str, seed: int = 0, instruction: str = "code"):
         rng = random.Random(f"calibrate/{seed}")
         qs = pool.questions
         self.qtok = dict(zip(qs, count_tokens(tok, qs)))
@@ -781,18 +856,12 @@ class Budget:
         self.kq, self.kq_var = _mean_var(kq)
         self.q_mean = sum(self.qtok.values()) / len(self.qtok)
         # the instruction around an empty context: the same for every item (start keys have one length)
-        self.instruction = prompt_tokens(tok, KEYCHAIN_PROMPT.format(context="", start_key=new_key(rng, style)))
+        self.instruction = prompt_tokens(tok, KEYCHAIN_PROMPTS[instruction].format(context="", start_key=new_key(rng, style)))
 
     def pairs(self, questions: list[str], hops: int) -> int:
         n_kk, n_kq = len(questions) * (hops - 1), len(questions)
         sd = math.sqrt(n_kk * self.kk_var + n_kq * self.kq_var)
         return math.ceil(n_kk * self.kk + n_kq * self.kq + sum(self.qtok[q] for q in questions) + 4 * sd + 4)
-
-    def chains_for(self, room: int, per_1k: float, hops: int) -> int:
-        """Chains for `room` tokens, at `per_1k` chains per 1,024 tokens of passage text around them."""
-        per_chain = (hops - 1) * self.kk + self.kq + self.q_mean
-        docs = room / (1 + per_1k * per_chain / 1024)
-        return max(1, round(per_1k * docs / 1024))
 
 
 def _mean_var(xs: list[int]) -> tuple[float, float]:
@@ -817,27 +886,30 @@ def build_row(item: dict, kind: str, pool: Pool, budget: Budget, tok, cfg: Confi
             return None, "core documents exceed the budget"
         row["messages"] = chat(QA_PROMPT.format(context=passages(docs), question=q))
         return row, ""
-    room = L - budget.instruction - 2
-    n_chains = budget.chains_for(room, cfg.chains_per_1k, cfg.hops)
-    real = norm_q(q)
-    cands = [x for x in pool.questions if norm_q(x) != real]
-    if len(cands) < n_chains - 1:
+    # 1. chains: the real question plus distinct distractor questions of other items (normalized once per pool)
+    n_chains = cfg.chains or max(1, round(cfg.max_tokens / 1024))
+    real = pool.norm.get(q) or norm_q(q)
+    picks = rng.sample(range(len(pool.distinct)), min(len(pool.distinct), n_chains))
+    distract = [x for x in (pool.distinct[j] for j in picks) if pool.norm[x] != real][:n_chains - 1]
+    if len(distract) < n_chains - 1:
         return None, "too few distractor questions"
-    distract = rng.sample(cands, n_chains - 1)
-    if len({norm_q(x) for x in distract}) < len(distract):  # duplicates under normalization: redraw once uniquely
-        distract = list({norm_q(x): x for x in cands}.values())
-        if len(distract) < n_chains - 1:
-            return None, "too few distractor questions"
-        distract = rng.sample(distract, n_chains - 1)
     start, pairs = make_chains(rng, [q] + distract, cfg.hops, cfg.key_style)
-    docs = fill_context(item, pool, room - budget.pairs([q] + distract, cfg.hops), rng, cfg.placement)
+    # 2. documents: fill L (released layout: the chains go on top) or what the chains leave of it (--budget=total)
+    room = L - budget.instruction - 2
+    if cfg.budget == "total":
+        room -= budget.pairs([q] + distract, cfg.hops)
+    docs = fill_context(item, pool, room, rng, cfg.placement)
     if docs is None:
-        return None, "core documents and chains exceed the budget"
+        return None, "core documents exceed the budget" if cfg.budget == "docs" else "core documents and chains exceed the budget"
+    # 3. pairs at distinct random sentence boundaries
     ctx = insert_pairs(passages(docs), pairs, rng)
     if ctx is None:
         return None, "fewer sentence boundaries than pairs"
-    row["messages"] = chat(KEYCHAIN_PROMPT.format(context=ctx, start_key=start))
-    row.update(start_key=start, distractor_questions=distract, chains=n_chains, hops=cfg.hops)
+    prompt = KEYCHAIN_PROMPTS[cfg.instruction]
+    row["messages"] = chat(prompt.format(context=ctx, start_key=start))
+    row.update(start_key=start, distractor_questions=distract, chains=n_chains, hops=cfg.hops, budget=cfg.budget)
+    if cfg.budget == "docs":  # the prompt without its pairs is what must fit L: counted exactly in finalize()
+        row["_plain"] = chat(prompt.format(context=passages(docs), start_key=start))
     return row, ""
 
 
@@ -895,23 +967,28 @@ def ruler_row(i: int, sents: list[str], sent_tok: list[int], tok, cfg: Config, s
 
 # ----------------------------------------------------------------------------- the synth driver
 def finalize(rows: list[tuple[dict, Any]], tok, cfg: Config, rebuild, stats: dict) -> list[dict]:
-    """Exact pass: tokenize each final prompt once (batched); rebuild the rare row whose estimate overshot L."""
+    """Exact pass: tokenize each final prompt once (batched), and for rows with chains on top (--budget=docs)
+    the prompt without its pairs too; rebuild the rare row whose estimate overshot L with a smaller budget."""
     out = []
     counts = count_tokens(tok, [render_prompt(tok, r["messages"]) for r, _ in rows])
+    plain = iter(count_tokens(tok, [render_prompt(tok, r["_plain"]) for r, _ in rows if "_plain" in r]))
     for (row, key), n in zip(rows, counts):
+        fit = next(plain) if "_plain" in row else n  # the part of the prompt that L budgets
         slack = 0
         for _ in range(4):
-            if n <= cfg.max_tokens:
+            if fit <= cfg.max_tokens:
                 break
-            slack += n - cfg.max_tokens + 8
+            slack += fit - cfg.max_tokens + 8
             stats["rebuilt"] = stats.get("rebuilt", 0) + 1
             row, why = rebuild(key, slack)
             if row is None:
                 break
             n = prompt_tokens_msgs(tok, row["messages"])
-        if row is None or n > cfg.max_tokens:
+            fit = prompt_tokens_msgs(tok, row["_plain"]) if "_plain" in row else n
+        if row is None or fit > cfg.max_tokens:
             stats["skip: over budget after rebuilds"] = stats.get("skip: over budget after rebuilds", 0) + 1
             continue
+        row.pop("_plain", None)
         row["num_tokens"] = n
         out.append(row)
     return out
@@ -939,18 +1016,23 @@ def synth(cfg: Config, tok) -> tuple[list[dict], dict]:
         sents = haystack_sentences(cfg.haystack, cfg.seed)
         sent_tok = count_tokens(tok, [" " + s for s in sents])
         build = lambda i, slack=0: ruler_row(i, sents, sent_tok, tok, cfg, slack)  # noqa: E731
+        stats["requested"] = cfg.n or 64
         return _run(list(range(cfg.n or 64)), build, tok, cfg, stats), stats
     for path in filter(None, cfg.input.split(",")):
         fmt = file_format(path, cfg.format)
         pick = random.Random(f"{cfg.seed}/select/{Path(path).name}")  # not the folder: same rows wherever the data lives
         if fmt in ("verl", "dapo", "mathqa"):
             short = []
-            for r in load_rows(path, fmt, cfg.source):
-                n = prompt_tokens_msgs(tok, r["messages"])
-                if n > cfg.max_tokens:
+            loaded = load_rows(path, fmt, cfg.source)
+            stats["requested"] = stats.get("requested", 0) + (min(cfg.n, len(loaded)) if cfg.n else len(loaded))
+            ns = []
+            for s in range(0, len(loaded), cfg.batch):  # batched: the released set holds 16K-20K-token rows
+                ns += count_tokens(tok, [render_prompt(tok, r["messages"]) for r in loaded[s:s + cfg.batch]])
+            for r, n in zip(loaded, ns):
+                if cfg.cut_tasks and n > cfg.max_tokens:  # finished tasks are kept whole unless asked
                     stats["skip: over budget"] = stats.get("skip: over budget", 0) + 1
                     continue
-                short.append({**r, "num_tokens": n, "max_tokens": cfg.max_tokens})
+                short.append({**r, "num_tokens": n})
             rows += pick.sample(short, cfg.n) if 0 < cfg.n < len(short) else short
             continue
         if cfg.kind not in ("keychain", "qa"):
@@ -959,12 +1041,13 @@ def synth(cfg: Config, tok) -> tuple[list[dict], dict]:
         for k, v in skips.items():
             stats[f"skip: {k}"] = stats.get(f"skip: {k}", 0) + v
         pool = Pool(tok, items)
-        budget = Budget(tok, pool, cfg.key_style, cfg.seed) if cfg.kind == "keychain" else None
+        budget = Budget(tok, pool, cfg.key_style, cfg.seed, cfg.instruction) if cfg.kind == "keychain" else None
         order = items[:]
         if 0 < cfg.n < len(items):
             pick.shuffle(order)
         build = lambda it, slack=0, pool=pool, budget=budget: build_row(it, cfg.kind, pool, budget, tok, cfg, slack)  # noqa: E731
-        want, got, start = cfg.n or len(items), [], 0
+        want, got, start = min(cfg.n, len(items)) if cfg.n else len(items), [], 0
+        stats["requested"] = stats.get("requested", 0) + (cfg.n or len(items))
         while len(got) < want and start < len(order):  # items skipped for the budget are replaced by the next ones
             chunk = order[start:start + want - len(got)]
             start += len(chunk)
@@ -996,7 +1079,7 @@ def summarize(rows: list[dict], stats: dict) -> str:
     lines = [f"{'source':<14}{'kind':<10}{'rows':>7}{'min tok':>9}{'mean tok':>10}{'max tok':>9}"]
     for (s, k), ns in sorted(by.items()):
         lines.append(f"{s:<14}{k:<10}{len(ns):>7}{min(ns):>9}{sum(ns) / len(ns):>10.0f}{max(ns):>9}")
-    lines += [f"{k}: {v}" for k, v in sorted(stats.items())]
+    lines += [f"{k}: {v}" for k, v in sorted(stats.items()) if k != "requested"]
     return "\n".join(lines)
 
 
@@ -1006,10 +1089,9 @@ def verify_row(row: dict, tok=None) -> list[str]:
     errs = []
     user = next((m["content"] for m in row.get("messages", []) if m.get("role") == "user"), "")
     head, tail = "Please read the following text.\n", "\n\nIn the context above, there is one correct question"
-    m = re.search(r'starting from `"(' + KEY_RE + r')"`\.\nFind the correct question first', user)
-    if not user.startswith(head) or tail not in user or not m:
+    start = start_key(user)  # either wording: the authors' code (bare key) or the poster's (`"key"`)
+    if not user.startswith(head) or tail not in user or not start or not re.fullmatch(KEY_RE, start):
         return ["prompt does not follow the KeyChain instruction template"]
-    start = m.group(1)
     ctx = user[len(head):user.rindex(tail)]
     plain, pairs = parse_pairs(ctx)
     nxt: dict = {}
@@ -1062,8 +1144,14 @@ def verify_row(row: dict, tok=None) -> list[str]:
         n = prompt_tokens_msgs(tok, row["messages"])
         if n != row.get("num_tokens"):
             errs.append(f"prompt has {n} tokens, row says {row.get('num_tokens')}")
-        if row.get("max_tokens") and n > row["max_tokens"]:
+        if row.get("max_tokens") and row.get("budget", "total") == "total" and n > row["max_tokens"]:
             errs.append(f"prompt has {n} tokens, over the budget {row['max_tokens']}")
+        if row.get("max_tokens") and row.get("budget") == "docs":  # chains on top: the rest must fit L
+            msgs = [{**m, "content": m["content"].replace(ctx, plain)} if m.get("role") == "user" else m
+                    for m in row["messages"]]
+            n_plain = prompt_tokens_msgs(tok, msgs)
+            if n_plain > row["max_tokens"]:
+                errs.append(f"prompt without its pairs has {n_plain} tokens, over the budget {row['max_tokens']}")
     return errs
 
 
@@ -1096,34 +1184,9 @@ def filter_items(items: list[dict], counts: dict, lo: int, hi: int) -> tuple[lis
 
 
 def filter_prompt(item: dict) -> str:
-    """The user turn the pass counts are sampled with (short context, 'The answer is ...')."""
-    return FILTER_PROMPT.format(context=passages(item["docs"]), question=item["question"])
-
-
-def sample_counts(items: list[dict], cfg: Config, batch: int = 16) -> list[dict]:
-    """Pass counts from a model: cfg.samples answers per item on its own short context (temperature 1.0);
-    correct = the normalized answer is a substring of a normalized gold (the authors' filter rule)."""
-    from tqdm import tqdm
-
-    import reward
-    import rollout
-
-    tok = load_tokenizer(cfg.tokenizer or cfg.model)
-    rcfg = rollout.Config(engine=cfg.engine, n=cfg.samples, temperature=1.0, max_new_tokens=cfg.new_tokens,
-                          max_prompt_tokens=10**9, seed=cfg.seed)
-    engine = rollout.make_engine(rcfg, cfg.model, tok)
-    out = []
-    for s in tqdm(range(0, len(items), batch), desc="pass counts"):
-        chunk = items[s:s + batch]
-        msgs = [[{"role": "user", "content": filter_prompt(it)}] for it in chunk]
-        ids = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
-               ["input_ids"] for m in msgs]
-        for it, comps in zip(chunk, engine.generate(ids, seed=cfg.seed + s)):
-            golds = [reward.normalize_answer(g) for g in it["answers"]]
-            preds = [reward.normalize_answer(reward.extract_answer(c.text) or "") for c in comps]
-            k = sum(bool(p) and any(p in g for g in golds) for p in preds)
-            out.append({"id": it["id"], "n": len(comps), "k": k})
-    return out
+    """The user turn the pass counts are sampled with: the item's own documents joined by "\n", no "Passage"
+    headers (the authors' filter), then "The answer is ..." (see curriculum.filter_correct)."""
+    return FILTER_PROMPT.format(context="\n".join(item["docs"]), question=item["question"])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1154,12 +1217,8 @@ def main(argv: list[str]) -> int:
         return 0
     if cfg.command == "filter":
         if not cfg.counts:
-            raise SystemExit("filter needs --counts=FILE (JSONL of {id, n, k}); with --model it samples them there")
+            raise SystemExit("filter needs --counts=FILE (JSONL of {id, n, k}; `curriculum.py filter` samples it)")
         items, _ = load_items(cfg.input, cfg.format, cfg.source)
-        if not Path(cfg.counts).exists():
-            if not cfg.model:
-                raise SystemExit(f"{cfg.counts} does not exist: give --model=PATH to sample the pass counts")
-            write_rows(cfg.counts, sample_counts(items, cfg))
         kept, stats = filter_items(items, read_counts(cfg.counts), cfg.lo, cfg.hi)
         write_rows(cfg.out, kept)
         print(f"wrote {len(kept)} items to {cfg.out}: {stats}")
@@ -1185,9 +1244,14 @@ def main(argv: list[str]) -> int:
     if cfg.command != "synth":
         raise SystemExit(f"unknown command {cfg.command!r}: generate | synth | verify | filter | demo")
     rows, stats = synth(cfg, tok)
+    asked = stats.get("requested", len(rows))
+    if not rows:  # nothing to train on: say why, write nothing
+        why = "; ".join(f"{k[6:]} ({v})" for k, v in sorted(stats.items()) if k.startswith("skip: ")) or "no input rows"
+        print(f"wrote 0 of {asked} requested rows: {why}", file=sys.stderr)
+        return 1
     write_rows(cfg.out, rows)
     print(summarize(rows, stats))
-    print(f"wrote {len(rows)} rows to {cfg.out}")
+    print(f"wrote {len(rows)} of {asked} requested rows to {cfg.out}")
     return 0
 
 

@@ -15,12 +15,18 @@
 # HAYSTACK (optional book for the RULER needles); stage lengths: WARMUP_EPOCHS, STAGE1_EPOCHS, STAGE2_EPOCHS;
 # evaluation: EVAL_BENCHMARKS (default ruler,niah), EVAL_DATA (the files of LongBench, MMLU, ... for eval.py);
 # MINE_MODE=rollouts mines hard items from Stage I's own rollouts instead of sampling them again.
+# Data routes (GPU presets): RELEASED=path/to/LoongRL-Train-Data trains on the authors' released rows (warmup: its
+# non-KeyChain rows; no raw files, no filter). Otherwise the raw files go through the difficulty filter first:
+# FILTER_MODEL (default Qwen/Qwen2.5-32B-Instruct; "none" skips the filter) answers every raw QA item 8 times at
+# temperature 1.0, items solved 1..6 of 8 are kept (counts cached in RUN_DIR/data/filter/, resumable);
+# FILTER_COUNTS=counts.jsonl reuses pass counts from an earlier run instead. The tiny preset skips the filter.
 # Re-running the same command resumes: finished stages are skipped, the current one continues from its last
 # checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PRESET=${1:-}
+FILTER_ARGS=""  # set by the GPU presets when the difficulty filter runs
 PY=${PYTHON:-python}
 die() { echo "train.sh: $*" >&2; exit 2; }
 int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"; }
@@ -52,8 +58,16 @@ case "$PRESET" in
     esac
     NPROC=${NPROC_PER_NODE:-8}; GPUS=$NPROC
     DATA="--tokenizer=$MODEL --scale=1 --max_tokens=16384 --key_style=uuid --hotpotqa=${HOTPOTQA:-} --twowiki=${TWOWIKI:-} --musique=${MUSIQUE:-} --dapo=${DAPO:-} --mathqa=${MATHQA:-} --haystack=${HAYSTACK:-}"
-    # paper: G=8, lr 1e-6, KL 0.001 (k3), clip 0.2, 16K prompt + 4K response, ~256 prompts per step, ~24K tokens per GPU
-    RL="--engine=vllm --batch_prompts=256 --group=8 --max_prompt_tokens=16384 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10 $SYNC"
+    if [ -n "${RELEASED:-}" ]; then
+      DATA="--tokenizer=$MODEL --scale=1 --max_tokens=16384 --released=$RELEASED"
+    elif [ -n "${FILTER_COUNTS:-}" ]; then
+      DATA="$DATA --filter_counts=$FILTER_COUNTS"
+    elif [ "${FILTER_MODEL:-}" != none ]; then
+      DATA="$DATA --filter_model=${FILTER_MODEL:-Qwen/Qwen2.5-32B-Instruct}"; FILTER_ARGS="--engine=vllm --tp=$TP --batch=256"
+    fi
+    # paper: G=8, lr 1e-6, KL 0.001 (k3), clip 0.2, 16K documents (KeyChain rows up to ~21K with the chains on top)
+    # + 4K response, ~256 prompts per step, ~24K tokens per GPU
+    RL="--engine=vllm --batch_prompts=256 --group=8 --max_prompt_tokens=22528 --max_new_tokens=4096 --lr=1e-6 --kl_coef=0.001 --micro_tokens=24576 --tp=$TP --save_every=10 $SYNC"
     # 192 GB HBM: twice the budget only with flash-attn's ROCm build (varlen: no mask). With SDPA it stays at 24,576:
     # never a dense 49,152^2 boolean mask (2.4 GB), at most 24,576^2 (0.6 GB)
     if [ "$PRESET" = 7b-mi300x ] && $PY -c "import sys, torch, grpo; sys.exit(not grpo.flash_attn_ok(torch.device('cuda')))" 2>/dev/null; then RL="$RL --micro_tokens=49152"; fi
@@ -102,6 +116,15 @@ if [ "$NODE_RANK" = 0 ]; then
   exec 9>>"$RUN/.lock"  # append: the holder's line must survive a refused open
   flock -n 9 || die "$RUN is in use by another run ($(cat "$RUN/.lock" 2>/dev/null || echo 'holder unknown')); wait for it or stop it"
   echo "pid $$ on $(hostname) since $(date -u '+%Y-%m-%d %H:%M:%S UTC')" > "$RUN/.lock"
+fi
+
+if [ -n "$FILTER_ARGS" ]; then  # every node samples its share of the pass counts
+  if [ -f "$RUN/data/filter/counts.jsonl" ]; then
+    say "difficulty filter: done, skipping"
+  else
+    say "difficulty filter: every raw QA item answered 8 times by the filter model"
+    run $TORCHRUN curriculum.py filter --preset="$PRESET" --run_dir="$RUN" $FILTER_ARGS $DATA
+  fi
 fi
 
 say "data -> $RUN/data"

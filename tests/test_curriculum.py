@@ -39,7 +39,8 @@ def test_prepare_builds_the_stage_mixes_and_reuses_them(tmp_path, capsys):
                          ("qa", "hotpotqa"): 5, ("qa", "2wiki"): 5, ("qa", "musique"): 5, ("ruler", "ruler"): 2,
                          ("math", "dapo"): 5, ("choice", "mathqa"): 5}
     assert {r["kind"] for r in wu} == {"qa", "ruler", "math", "choice"} and len(wu) == 27
-    assert len({r["id"] for r in s1}) == len(s1) and all(r["num_tokens"] <= 8192 for r in s1)
+    assert len({r["id"] for r in s1}) == len(s1) and all(r["num_tokens"] <= 8192 for r in s1 if r["kind"] != "keychain")
+    assert all(r["num_tokens"] > 8192 and r["chains"] == 8 for r in s1 if r["kind"] == "keychain")  # chains on top
     stamp = {p.name: p.stat().st_mtime_ns for p in (run / "data").glob("*.jsonl")}
     capsys.readouterr()
     cur.prepare(tiny_cfg(run), run)
@@ -212,3 +213,99 @@ def test_train_sh_other_nodes_and_gpu1_check(tmp_path):
     r = train_sh("gpu1", env={"RUN_DIR": str(tmp_path / "g"), "MODEL": str(model)})
     assert r.returncode != 0 and "has 0 GPU(s); preset gpu1 needs 1" in r.stderr
     assert "vllm" not in r.stderr and "raw file" not in r.stderr and not (tmp_path / "g" / "data").exists()
+
+
+# ----------------------------------------------------------------------------- difficulty filter and pass counts
+@pytest.mark.parametrize("text,golds,ok", [
+    ("Let me think. The answer is Paris.", ["Paris"], True),
+    ("the answer is paris, france", ["Paris"], False),  # prediction must be inside the gold
+    ("THE ANSWER IS New York", ["New York City"], True),  # a substring of the gold counts (the authors' rule)
+    ("The answer is A. Later: the answer is Paris", ["Paris"], False),  # the text after the FIRST occurrence
+    ("Paris", ["Paris"], False),  # no "the answer is"
+    ("The answer is .", ["Paris"], False),  # nothing after it: empty is a substring of everything
+    ("The answer is the Eiffel", ["Eiffel Tower", "x"], True),
+])
+def test_filter_correct_is_the_authors_rule(text, golds, ok):
+    assert cur.filter_correct(text, golds) is ok
+
+
+def test_pass_counts_one_function_resumable(tmp_path, tiny_tok, raw):
+    import rollout
+
+    model = tmp_path / "model"
+    rollout.tiny_model(len(tiny_tok), seed=0).save_pretrained(str(model))
+    tiny_tok.save_pretrained(str(model))
+    items, _ = kc.load_items(raw["hotpotqa"])
+    jobs = [{**it, "id": f"hotpotqa/{it['id']}"} for it in items[:5]]
+    seen = []
+
+    def score(js, texts):  # counts what was sampled; "correct" = an even number of characters
+        seen.extend(j["id"] for j in js)
+        return [len(t) % 2 == 0 for t in texts]
+
+    render = lambda tok, it: kc.filter_prompt(it)  # noqa: E731
+    kw = dict(model=str(model), group=3, temperature=1.0, max_new_tokens=5, tp=1, max_prompt=8192,
+              tokenizer=str(model), render=render, score=score)
+    c = cur.Config(engine="hf", batch=2, seed=0)
+    out = tmp_path / "filter"
+    # a run killed after two items: their counts are on disk, the rerun samples only the other three
+    kc.write_rows(out / "counts.rank0.jsonl", [{"id": jobs[0]["id"], "n": 3, "k": 3}, {"id": jobs[1]["id"], "n": 3, "k": 0}])
+    counts = cur.pass_counts(c, jobs, out, **kw)
+    assert seen == [j["id"] for j in jobs[2:] for _ in range(3)]
+    assert set(counts) == {j["id"] for j in jobs} and counts[jobs[0]["id"]] == (3, 3) and counts[jobs[1]["id"]] == (3, 0)
+    assert all(n == 3 and 0 <= k <= 3 for n, k in counts.values())
+    seen.clear()
+    again = cur.pass_counts(c, jobs, out, **kw)  # everything counted: nothing sampled
+    assert again == counts and seen == []
+    (out / "counts.rank0.jsonl").unlink()  # from scratch: the same seeds give the same counts
+    fresh = cur.pass_counts(c, jobs[2:], out, **kw)
+    assert fresh == {j["id"]: counts[j["id"]] for j in jobs[2:]}
+    import grpo
+
+    grpo.finish()
+
+
+def test_prepare_keeps_only_items_solved_lo_to_hi(tmp_path):
+    run = tmp_path / "run"
+    raw = cur.raw_paths(tiny_cfg(run), run)
+    counts, k_of = [], {}
+    for src in cur.QA_SOURCES:
+        for i, it in enumerate(kc.load_items(raw[src], source=src)[0]):
+            k_of[(src, it["id"])] = i % 9
+            counts.append({"id": f"{src}/{it['id']}", "n": 8, "k": i % 9})
+    cpath = tmp_path / "counts.jsonl"
+    kc.write_rows(cpath, counts)
+    stages = cur.prepare(tiny_cfg(run, filter_counts=str(cpath)), run)
+    rows = [r for r in kc.read_rows(stages["stage1"]) if r["kind"] in ("keychain", "qa")]
+    assert len(rows) == 30
+    for r in rows:
+        assert 1 <= k_of[(r["source"], r["id"].split(f"-{r['kind']}-", 1)[1])] <= 6
+    kept = kc.read_rows(run / "data" / "filter" / "hotpotqa.jsonl")
+    assert len(kept) == sum(1 <= k <= 6 for (s, _), k in k_of.items() if s == "hotpotqa")
+
+
+def test_released_set_trains_warmup_on_non_keychain_rows(tmp_path, tiny_tok, raw):
+    from test_keychain import RELEASED_SOURCES, released_parquet
+
+    kc_row = kc.synth(kc.Config(input=raw["hotpotqa"], n=1, max_tokens=4096, key_style="short"), tiny_tok)[0][0]
+    folder = tmp_path / "LoongRL-Train-Data" / "data"
+    folder.mkdir(parents=True)
+    released_parquet(folder / "train-00000-of-00001.parquet", kc_row, tiny_tok)
+    run = tmp_path / "run"
+    stages = cur.prepare(cur.Config(preset="7b", run_dir=str(run), released=str(folder.parent), max_tokens=2048), run)
+    s1, wu = kc.read_rows(stages["stage1"]), kc.read_rows(stages["warmup"])
+    assert len(s1) == len(RELEASED_SOURCES) and len(wu) == len(RELEASED_SOURCES) - 1
+    assert {r["kind"] for r in wu} == {"qa", "ruler", "math", "choice"}
+    kc_rows = [r for r in s1 if r["kind"] == "keychain"]
+    assert len(kc_rows) == 1 and kc_rows[0]["num_tokens"] > 2048 and kc.verify_row(kc_rows[0], None) == []
+
+
+def test_grpo_fails_when_many_rows_exceed_max_prompt_tokens(tmp_path):
+    rows = [{"id": f"r{i}", "source": "s", "kind": "qa", "answers": ["a"], "num_tokens": 100 + 1000 * (i < 3),
+             "messages": kc.chat("q")} for i in range(10)]
+    kc.write_rows(tmp_path / "rows.jsonl", rows)
+    r = subprocess.run([sys.executable, "grpo.py", f"--data={tmp_path / 'rows.jsonl'}", "--model=tiny", "--device=cpu",
+                        f"--out_dir={tmp_path / 'out'}", "--max_prompt_tokens=500", "--steps=1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode != 0 and "3 of 10 rows over --max_prompt_tokens=500 left out" in r.stdout
+    assert "3 of 10 rows (over 2%) exceed --max_prompt_tokens=500" in r.stderr

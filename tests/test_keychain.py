@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import random
 import re
 import subprocess
@@ -167,18 +168,24 @@ def test_bad_records_name_file_and_record(tmp_path, name, content, match):
 
 
 # ----------------------------------------------------------------------------- budgets
-@pytest.mark.parametrize("kind", ["keychain", "qa", "ruler"])
+@pytest.mark.parametrize("kind,budget", [("keychain", "docs"), ("keychain", "total"), ("qa", "docs"), ("ruler", "docs")])
 @pytest.mark.parametrize("which", ["tiny_tok", "bpe_tok"])
-def test_no_row_over_budget_and_rows_near_it(raw, request, kind, which):
+def test_no_row_over_budget_and_rows_near_it(raw, request, kind, budget, which):
     tok = request.getfixturevalue(which)
     L = 4096 if which == "bpe_tok" else 8192
-    c = cfg(input=raw["hotpotqa"], kind=kind, max_tokens=L, n=12)
+    c = cfg(input=raw["hotpotqa"], kind=kind, max_tokens=L, n=12, budget=budget)
     rows, stats = kc.synth(c, tok)
     assert len(rows) == 12, stats
     for r in rows:
         exact = len(tok(kc.render_prompt(tok, r["messages"]), add_special_tokens=False).input_ids)
-        assert exact == r["num_tokens"] <= L
-        assert r["num_tokens"] >= (0.95 if kind == "keychain" else 0.98) * L, (kind, r["num_tokens"])
+        assert exact == r["num_tokens"]
+        fit = exact
+        if kind == "keychain" and budget == "docs":  # chains on top: the prompt without its pairs fills L
+            user = r["messages"][1]["content"]
+            fit = kc.prompt_tokens(tok, user.replace(user[32:user.rindex("\n\nIn the context")],
+                                                     kc.parse_pairs(user[32:user.rindex("\n\nIn the context")])[0]))
+            assert exact > L and r["budget"] == "docs" and kc.verify_row(r, tok) == []
+        assert fit <= L and fit >= (0.95 if kind == "keychain" else 0.98) * L, (kind, fit)
 
 
 def test_pool_documents_are_tokenized_once(raw, tiny_tok, monkeypatch):
@@ -226,7 +233,7 @@ def test_middle_placement_concentrates_core_documents(raw, tiny_tok):
 def test_keychain_invariants(kc_rows, raw):
     rows, stats = kc_rows
     assert {r["source"] for r in rows} == {"hotpotqa", "musique"} and len(rows) == 74
-    assert stats == {"skip: unanswerable": 6}
+    assert stats == {"requested": 74, "skip: unanswerable": 6}
     all_q = {it["question"] for it in kc.load_items(raw["hotpotqa"])[0] + kc.load_items(raw["musique"])[0]}
     for r in rows:
         assert kc.verify_row(r) == []
@@ -239,7 +246,7 @@ def test_keychain_invariants(kc_rows, raw):
         while k in nxt:
             k, hops = nxt[k], hops + 1
         assert k == r["question"] and hops == 4
-        assert f'starting from `"{r["start_key"]}"`' in user and r["question"] not in plain
+        assert user.endswith(f'starting from {r["start_key"]}.') and r["question"] not in plain
         ends = [v for v in nxt.values() if v not in nxt]
         assert ends.count(r["question"]) == 1 and set(r["distractor_questions"]) <= all_q
         assert all(len(key) == 8 for key in nxt)
@@ -254,10 +261,13 @@ def test_uuid_keys_are_full_uuid4(raw, tiny_tok):
         assert kc.verify_row(r, tiny_tok) == []
 
 
-def test_chain_count_follows_density(raw, tiny_tok):
+def test_chain_count_one_per_1k_of_L_or_as_given(raw, tiny_tok):
     small, _ = kc.synth(cfg(input=raw["hotpotqa"], kind="keychain", n=4), tiny_tok)
-    dense, _ = kc.synth(cfg(input=raw["hotpotqa"], kind="keychain", n=4, chains_per_1k=8.0, hops=3), tiny_tok)
-    assert all(d["chains"] > s["chains"] and d["hops"] == 3 and kc.verify_row(d) == [] for s, d in zip(small, dense))
+    assert [r["chains"] for r in small] == [8] * 4  # L = 8192
+    dense, _ = kc.synth(cfg(input=raw["hotpotqa"], kind="keychain", n=4, chains=11, hops=3), tiny_tok)
+    for d in dense:
+        assert d["chains"] == 11 and d["hops"] == 3 and kc.verify_row(d, tiny_tok) == []
+        assert len(kc.parse_pairs(d["messages"][1]["content"])[1]) == 33
 
 
 def test_deterministic_for_a_seed(raw, tiny_tok, kc_rows):
@@ -292,7 +302,7 @@ def _corrupt(row, how):
         user = text[:i] + " " + kc.pair_text(k, nxt[k]) + text[i:]
     elif how == "wrong start key":
         other = next(k for k in nxt if k != r["start_key"])
-        user = user.replace(f'starting from `"{r["start_key"]}"`', f'starting from `"{other}"`')
+        user = user.replace(f'starting from {r["start_key"]}.', f'starting from {other}.')
     elif how == "over budget":
         user = user.replace("Passage 1:\n", "Passage 1:\n" + "x" * 400, 1)
     elif how == "key leaks into text":
@@ -354,7 +364,10 @@ def test_filter_keeps_lo_to_hi_inclusive(raw, tmp_path):
     bad.write_text('{"id": "x", "n": 8, "k": 9}\n')
     with pytest.raises(kc.DataError, match=r"bad\.jsonl: record 0: need 0 <= k <= n"):
         kc.read_counts(str(bad))
-    assert kc.filter_prompt(items[0]).startswith("The following are given passages.\nPassage 1:\n")
+    # the authors' filter context: documents joined by "\n", no "Passage" headers
+    assert kc.filter_prompt(items[0]) == kc.FILTER_PROMPT.format(context="\n".join(items[0]["docs"]),
+                                                                 question=items[0]["question"])
+    assert "Passage" not in kc.filter_prompt(items[0]).split("\n\nAnswer the question")[0]
 
 
 def test_cli_synth_jsonl_and_parquet(raw, tiny_tok, tmp_path):
@@ -367,7 +380,7 @@ def test_cli_synth_jsonl_and_parquet(raw, tiny_tok, tmp_path):
         assert r.returncode == 0, r.stderr
         rows = kc.read_rows(out)
         assert len(rows) == 3 and {k for k in ("id", "source", "kind", "messages", "answers", "num_tokens")} <= rows[0].keys()
-        assert "wrote 3 rows" in r.stdout and "2wiki" in r.stdout
+        assert "wrote 3 of 3 requested rows" in r.stdout and "2wiki" in r.stdout
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
     h = subprocess.run([sys.executable, "keychain.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert h.returncode == 0 and "--max_tokens=16384" in h.stdout
@@ -393,20 +406,159 @@ def test_generate_covers_hops_and_question_types(raw):
         assert len(titles) == 10 and all(t in titles for t, _ in r["supporting_facts"])
 
 
-def test_filter_samples_pass_counts_with_a_model(raw, tiny_tok, tmp_path):
-    import rollout
+# ----------------------------------------------------------------------------- released layout (issue 12)
+def test_defaults_reproduce_the_released_layout(raw, tiny_tok):
+    d = kc.Config()
+    assert (d.budget, d.chains, d.hops, d.key_style, d.instruction, d.needles, d.max_tokens) == \
+        ("docs", 0, 4, "uuid", "code", 20, 16384)
+    rows, stats = kc.synth(kc.Config(input=raw["2wiki"], n=2), tiny_tok)
+    assert len(rows) == 2, stats
+    for r in rows:
+        user = r["messages"][1]["content"]
+        plain, pairs = kc.parse_pairs(user)
+        assert r["chains"] == 16 and len(pairs) == 64 and r["budget"] == "docs"
+        assert all(len(k) == 36 and uuid.UUID(k).version == 4 for k, _, _ in pairs)
+        # the authors' code wording, exactly: no backticks, no quotes, no closing sentence
+        ctx = user[len("Please read the following text.\n"):user.rindex("\n\nIn the context above")]
+        assert user == kc.KEYCHAIN_PROMPT.format(context=ctx, start_key=r["start_key"]) and "`" not in user[-300:]
+        assert user.endswith(f"(e.g., f81d4fae-7dec-11d0-a765-00a0c91e6bf6), starting from {r['start_key']}.")
+        # documents fill L; the 64 pairs come on top of it
+        no_pairs = kc.prompt_tokens(tiny_tok, user.replace(ctx, kc.parse_pairs(ctx)[0]))
+        assert 0.98 * 16384 <= no_pairs <= 16384 < r["num_tokens"] and r["max_tokens"] == 16384
+        assert kc.verify_row(r, tiny_tok) == []
 
-    model = tmp_path / "model"
-    rollout.tiny_model(len(tiny_tok), seed=0).save_pretrained(str(model))
-    tiny_tok.save_pretrained(str(model))
+
+def test_poster_wording_and_total_budget_are_options(raw, tiny_tok):
+    rows, _ = kc.synth(cfg(input=raw["hotpotqa"], n=3, instruction="poster", budget="total"), tiny_tok)
+    for r in rows:
+        user = r["messages"][1]["content"]
+        assert user.endswith(f'starting from `"{r["start_key"]}"`.\nFind the correct question first, then answer it.')
+        assert r["num_tokens"] <= 8192 and kc.verify_row(r, tiny_tok) == []
+        assert kc.start_key(user) == r["start_key"]
+    docs, _ = kc.synth(cfg(input=raw["hotpotqa"], n=3), tiny_tok)
+    assert all(d["num_tokens"] > 8192 > t["num_tokens"] for d, t in zip(docs, rows))  # chains on top vs inside
+
+
+def test_ruler_defaults_match_the_20key_20value_files(tiny_tok):
+    rows, _ = kc.synth(kc.Config(kind="ruler", n=4, max_tokens=4096), tiny_tok)
+    assert [r["mode"] for r in rows] == ["multikey", "multivalue"] * 2
+    for r in rows:
+        needles = re.findall(r"One of the special magic numbers for ([\w-]+) is: (\d+)\.", r["messages"][1]["content"])
+        assert len(needles) == 20
+        assert len({k for k, _ in needles}) == (20 if r["mode"] == "multikey" else 1)
+        assert len(r["answers"]) == (1 if r["mode"] == "multikey" else 20)
+
+
+RELEASED_SOURCES = ["hotpotqa_keychain", "musique", "book_20key_10k_512", "book_20value_10k_512", "needle_sentence",
+                    "math_dapo", "mathqa"]
+
+
+def released_parquet(path, kc_row, tiny_tok):
+    """A small parquet in the exact schema of OldKingMeister/LoongRL-Train-Data (verl rows + the extra columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kc_user = kc_row["messages"][1]["content"]
+    users = {"hotpotqa_keychain": kc_user,
+             "musique": "The following are given passages.\nPassage 1:\nX\nX is in Y.\n\nQuestion: Where is X?",
+             "book_20key_10k_512": "Some special magic numbers are hidden ... for amber-river mentioned in the provided text?",
+             "book_20value_10k_512": "Some special magic numbers are hidden ... for opal-quill mentioned in the provided text?",
+             "needle_sentence": "A special sentence is hidden in the text below. ... What is the special sentence?",
+             "math_dapo": "What is 2+3?", "mathqa": "Question: 1+1\nChoices:(A) 2\n(B) 3"}
+    golds = {"hotpotqa_keychain": kc_row["answers"], "musique": ["Y"], "book_20key_10k_512": ["1234567"],
+             "book_20value_10k_512": ["1", "2"], "needle_sentence": ["The sky is green."], "math_dapo": ["5"],
+             "mathqa": ["A"]}
+    recs = []
+    for i, ds in enumerate(RELEASED_SOURCES):
+        recs.append({"data_source": ds, "prompt": [{"role": "user", "content": users[ds]}], "ability": "long_context",
+                     "reward_model": {"style": "rule", "ground_truth": golds[ds]},
+                     "extra_info": {"index": i, "input_question": kc_row["question"] if i == 0 else "", "split": "train"},
+                     "index": i, "input": users[ds][-40:], "context": "", "length": len(users[ds]),
+                     "distract_questions": kc_row["distractor_questions"] if i == 0 else []})
+    pq.write_table(pa.Table.from_pylist(recs), path)
+    return recs
+
+
+def test_released_parquet_loads_every_row(tmp_path, raw, tiny_tok):
+    kc_row = kc.synth(cfg(input=raw["hotpotqa"], n=1, max_tokens=4096), tiny_tok)[0][0]
+    p = tmp_path / "train.parquet"
+    released_parquet(p, kc_row, tiny_tok)
+    rows = kc.load_rows(str(p))
+    assert [r["kind"] for r in rows] == ["keychain", "qa", "ruler", "ruler", "ruler", "math", "choice"]
+    k = rows[0]
+    assert k["question"] == kc_row["question"] and k["start_key"] == kc_row["start_key"]
+    assert k["answers"] == kc_row["answers"] and rows[3]["answers"] == ["1", "2"]
+    # kept whole: the KeyChain row is over a 2K budget, still loaded (only --cut_tasks drops it)
+    got, stats = kc.synth(kc.Config(input=str(p), max_tokens=2048), tiny_tok)
+    assert len(got) == 7 and got[0]["num_tokens"] > 2048 and stats == {"requested": 7}
+    assert kc.verify_row(got[0], tiny_tok) == []  # verify reads the authors' wording and the mapped fields
+    cut, stats = kc.synth(kc.Config(input=str(p), max_tokens=2048, cut_tasks=True), tiny_tok)
+    assert len(cut) == 6 and stats["skip: over budget"] == 1
+
+
+# ----------------------------------------------------------------------------- robustness (issue 12, point 5)
+def test_synth_writing_nothing_fails_and_says_why(raw, tiny_tok, tmp_path):
+    tiny_tok.save_pretrained(str(tmp_path / "tok"))
+    out = tmp_path / "rows.jsonl"
+    r = subprocess.run([sys.executable, "keychain.py", "synth", f"--input={raw['hotpotqa']}", "--n=5", "--max_tokens=400",
+                        f"--out={out}", f"--tokenizer={tmp_path / 'tok'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and not out.exists()
+    assert "wrote 0 of 5 requested rows: core documents exceed the budget (40)" in r.stderr  # every item tried
+
+
+def test_bad_file_prints_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "h.json"
+    bad.write_text(json.dumps([{"_id": "a", "answer": "x", "context": []}]))
+    for inp in (bad, tmp_path / "missing.json"):
+        r = subprocess.run([sys.executable, "keychain.py", "synth", f"--input={inp}", f"--out={tmp_path / 'o.jsonl'}",
+                            "--kind=qa"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert str(inp.name) in r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_source_contradicting_the_format_warns(raw, capsys):
+    kc.load_items(raw["musique"], source="hotpotqa")
+    assert "--source=hotpotqa but the records look like musique" in capsys.readouterr().err
+    kc.load_items(raw["2wiki"], source="2wiki")  # the same shape as HotpotQA: no warning
+    assert capsys.readouterr().err == ""
+
+
+def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "rows.jsonl"
+    stale, live = tmp_path / f".rows.jsonl.tmp{int(dead.stdout)}", tmp_path / f".rows.jsonl.tmp{os.getppid()}"
+    stale.write_text("half")
+    live.write_text("busy")
+    kc.write_rows(out, [{"a": 1}])
+    assert not stale.exists() and live.exists() and kc.read_rows(out) == [{"a": 1}]
+
+
+def test_distractors_normalized_once_per_pool(raw, tiny_tok, monkeypatch):
+    calls = []
+    real = kc.norm_q
+    monkeypatch.setattr(kc, "norm_q", lambda q: calls.append(q) or real(q))
     items, _ = kc.load_items(raw["hotpotqa"])
-    cfg = kc.Config(model=str(model), samples=3, seed=0, new_tokens=6)
-    counts = kc.sample_counts(items[:4], cfg)
-    assert [c["id"] for c in counts] == [it["id"] for it in items[:4]]
-    assert all(c["n"] == 3 and 0 <= c["k"] <= 3 for c in counts)
-    out, cpath = tmp_path / "kept.jsonl", tmp_path / "counts.jsonl"
-    r = subprocess.run([sys.executable, "keychain.py", "filter", f"--input={raw['hotpotqa']}", f"--counts={cpath}",
-                        f"--model={model}", "--samples=2", "--new_tokens=4", "--lo=0", "--hi=2", f"--out={out}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert len(kc.read_counts(str(cpath))) == 40 and len(kc.read_rows(out)) == 40  # 0..2 of 2 keeps all
+    rows, _ = kc.synth(cfg(input=raw["hotpotqa"], n=20), tiny_tok)
+    assert len(rows) == 20 and len(calls) == len({it["question"] for it in items})  # the pool's, once each
+
+
+def test_fillers_skip_documents_of_items_with_the_same_question(tiny_tok):
+    mk = lambda i, q, docs: {"id": str(i), "source": "s", "question": q, "answers": ["a"], "docs": docs}  # noqa: E731
+    items = [mk(0, "Who founded Zed?", ["Zed\nZed was founded by Ann."]),
+             mk(1, "who founded  zed", ["Zed Corp\nAnn founded Zed."])]  # the same question after normalization
+    items += [mk(i, f"Question {i}?", [f"Doc {i}\nFiller text {i}."]) for i in range(2, 40)]
+    pool = kc.Pool(tiny_tok, items)
+    docs = kc.fill_context(items[0], pool, 100000, random.Random(0))
+    assert "Zed Corp\nAnn founded Zed." not in docs and len(docs) == 39  # everything else fits
+    row, _ = kc.build_row(items[0], "keychain", pool, kc.Budget(tiny_tok, pool, "uuid"), tiny_tok,
+                          cfg(max_tokens=20000, chains=38))
+    assert row is not None and "who founded  zed" not in row["distractor_questions"]
+
+
+def test_keychain_imports_neither_rollout_nor_reward():
+    r = subprocess.run([sys.executable, "-c", "import sys, keychain; print(sorted(m for m in ('rollout', 'reward', "
+                        "'grpo', 'curriculum', 'torch') if m in sys.modules))"], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stderr
+    src = (ROOT / "keychain.py").read_text()
+    assert not re.search(r"^\s*(import|from) (rollout|reward|grpo|curriculum)\b", src, re.M)
