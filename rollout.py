@@ -172,7 +172,10 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | list[torch.Generator],
                 mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens (B,) and their log-probs (B,) from last-position float32 logits (B, V); `gen`: one generator
-    for the batch, or one per row (seeded samples do not depend on what else is in the batch)."""
+    for the batch, or one per row (seeded samples do not depend on what else is in the batch).
+
+    Sampling is by inverse CDF: one uniform number u per row, the token is the first whose cumulative probability
+    exceeds u. `torch.multinomial` would draw V exponentials per row (most of a CPU decode step at V=151K)."""
     raw = logits.log_softmax(-1)
     if temperature <= 0:
         tok = logits.argmax(-1)
@@ -180,9 +183,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: tor
     scaled = top_p_filter(logits / temperature, top_p)
     probs = scaled.softmax(-1)
     if isinstance(gen, list):
-        tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gen)])
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gen]).to(probs.device)
     else:
-        tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+        u = torch.rand(len(probs), generator=gen, device=gen.device).to(probs.device)
+    cdf = probs.double().cumsum(-1)  # float64: no rounding drift over 151K terms; non-decreasing
+    # right=True: a token of probability 0 (cut by top-p) never holds u, as its cdf equals its predecessor's
+    # u < 1 and float64 keep u * total < total, so some token holds it
+    tok = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
     src = raw if mode == "raw" else scaled.log_softmax(-1)
     return tok, src.gather(-1, tok[:, None])[:, 0]
 
