@@ -62,7 +62,7 @@ class Config:
     ppo_epochs: int = 1  # passes over the rollout batch
     tis_cap: float = 0.0  # > 0: truncated importance weights min(p_train / p_engine, cap) on the surrogate
     micro_tokens: int = 24576  # packed tokens per micro-batch per rank (a budget, not a count)
-    logit_chunk: int = 128  # completion positions whose logits exist at once
+    logit_chunk: int = 512  # completion positions whose logits exist at once (CPU: 512 beats naive, 128 is 1.4x it)
     grad_ckpt: bool = True  # non-reentrant activation checkpointing of the decoder layers
     offload: bool = False  # FSDP2 CPU offload of the policy's parameters, gradients and optimizer
     ref_offload: bool = True  # CPU offload of the reference model (GPU)

@@ -27,7 +27,7 @@ class Config:
     tokens: int = 4096
     vocab: int = 151936
     hidden: int = 896
-    chunk: int = 128  # grpo.Config.logit_chunk
+    chunk: int = 512  # grpo.Config.logit_chunk
     repeats: int = 5  # timed runs after one warm-up; the median is reported
     device: str = "cpu"
     rounds: int = 1  # naive/chunked process pairs, alternated; the median of their medians is reported
