@@ -113,6 +113,21 @@ def test_batching_and_sharding_do_not_change_seeded_results(model, tok):
         big.generate(PROMPTS, seed=[1, 2])
 
 
+def test_inverse_cdf_equals_one_full_cumulative_sum():
+    """The two-level search (block sums, then one block) picks what a full float64 cumsum picks, never a token
+    of probability 0, on a vocabulary that is not a multiple of the block, at u = 0 and u just below 1."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 1000, generator=g) ** 4
+    probs[:, ::3] = 0.0  # cut tokens (top-p) inside blocks
+    probs[1, :640] = 0.0  # whole leading blocks empty
+    probs[2, 900:] = 0.0  # an empty tail
+    for u in (torch.rand(6, generator=g), torch.zeros(6), torch.full((6,), 1 - 2**-24)):
+        cdf = probs.double().cumsum(-1)
+        want = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+        got = rollout.inverse_cdf(probs, u, block=64)
+        assert torch.equal(got, want) and (probs.gather(-1, got[:, None]) > 0).all()
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.7), (2.0, 0.5)])
 def test_sample_next_follows_the_tempered_nucleus(temperature, top_p):
     """Inverse-CDF sampling: frequencies match softmax(logits / T) renormalized over the top-p nucleus, and a
