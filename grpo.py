@@ -65,7 +65,7 @@ class Config:
     ppo_epochs: int = 1  # passes over the rollout batch
     tis_cap: float = 0.0  # > 0: truncated importance weights min(p_train / p_engine, cap) on the surrogate
     micro_tokens: int = 24576  # packed tokens per micro-batch per rank (a budget, not a count)
-    logit_chunk: int = 128  # completion positions whose logits exist at once
+    logit_chunk: int = 512  # completion positions whose logits exist at once (CPU: 512 beats naive, 128 is 1.4x it)
     grad_ckpt: bool = True  # non-reentrant activation checkpointing of the decoder layers
     offload: bool = False  # FSDP2 CPU offload of the policy's parameters, gradients and optimizer
     ref_offload: bool = True  # CPU offload of the reference model (GPU)
@@ -124,29 +124,28 @@ class FusedLogpLoss(torch.autograd.Function):
         total, lps, ents = torch.zeros((), device=h.device), [], []
         for s in range(0, len(targets), chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
-            z = (hc @ w.T).float()  # two [chunk x vocab] buffers at most: z (then log p) and p (then dz)
-            z -= z.amax(-1, keepdim=True)  # log-softmax by hand: logsumexp would allocate a third buffer
-            p = z.exp()
-            total_p = p.sum(-1, keepdim=True)
-            z -= total_p.log()
-            p /= total_p
-            lp = z.gather(-1, tc[:, None])[:, 0]
-            ent = torch.cat([-(p[i:i + 32] * z[i:i + 32]).sum(-1) for i in range(0, len(tc), 32)])  # small temps
+            z = (hc @ w.T).float()  # two [chunk x vocab] buffers at most: z and e = exp(z) (then dz)
+            z -= z.amax(-1, keepdim=True)  # softmax by hand: logsumexp would allocate a third buffer
+            e = z.exp()  # p = e / Z: never normalized in a pass of its own
+            Z = e.sum(-1)
+            log_z = Z.log()
+            lp = z.gather(-1, tc[:, None])[:, 0] - log_z
+            ent = log_z - torch.bmm(e[:, None], z[:, :, None])[:, 0, 0] / Z  # H = log Z - sum(e z) / Z, no temp
             with torch.enable_grad():
                 lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
                 loss = loss_fn(lp_, ent_, slice(s, s + len(tc)))
                 g_lp, g_ent = torch.autograd.grad(loss, (lp_, ent_), allow_unused=True, materialize_grads=True)
-            # d logp_t / dz = onehot(t) - p ;  d entropy / dz = -p (log p + entropy); in place on z and p
+            # d logp_t / dz = onehot(t) - p ;  d entropy / dz = -p (log p + entropy); in place on z and e
             if g_ent.any():
-                z.add_(ent[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
-                dz = p.mul_(z).neg_()
+                z.add_((ent - log_z)[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
+                dz = e.mul_(z).mul_(-1 / Z[:, None])
             else:
-                dz = p.mul_(-g_lp[:, None])
+                dz = e.mul_((-g_lp / Z)[:, None])
             del z
             dz[torch.arange(len(tc), device=dz.device), tc] += g_lp
             gh[s:s + chunk] = (dz.to(w.dtype) @ w).to(h.dtype)
             gw.addmm_(dz.T, hc.float())
-            del p, dz  # before the next chunk allocates its own
+            del e, dz  # before the next chunk allocates its own
             total += loss.detach()
             lps.append(lp)
             ents.append(ent)
@@ -176,8 +175,8 @@ class Policy(nn.Module):
         self.lm, self.chunk = lm, chunk
 
     def forward(self, input_ids, position_ids, at, targets, loss_fn: Callable | None = None):
-        h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state[0]
-        h, w = h[at], self.lm.lm_head.weight  # hidden states that predict the targets
+        h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        h, w = h.flatten(0, 1)[at], self.lm.lm_head.weight  # hidden states that predict the targets (`at`: flat)
         if loss_fn is not None:
             return FusedLogpLoss.apply(h, w, targets, self.chunk, loss_fn)
         lps, ents = [], []
@@ -326,6 +325,35 @@ def packed_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor,
     return t(ids)[None], t(pos)[None], t(at), t(tgt)
 
 
+def pad_groups(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped into padded micro-batches of at most `budget` tokens counting the padding: sorted by
+    length, so each batch holds sequences of similar length (one over-long sequence gets a batch of its own)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(g) for g in groups]
+
+
+def padded_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Rows [b, max_len] of prompt+completion, right-padded: without flash-attn, attention over one packed row
+    costs (sum len)^2 (a dense block-diagonal mask), padded rows cost b * max_len^2 and need no mask at all: a
+    causal model never looks right, so padding after a sequence cannot change it. Positions run on through
+    the padding (a restart would read as packing). `at` indexes the flattened [b * max_len] positions."""
+    width = max(len(s["prompt"]) + len(s["completion"]) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    at, tgt = [], []
+    for i, s in enumerate(seqs):
+        full, p = s["prompt"] + s["completion"], len(s["prompt"])
+        ids[i, :len(full)] = torch.tensor(full)
+        at += range(i * width + p - 1, i * width + len(full) - 1)
+        tgt += s["completion"]
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return ids.to(device), torch.arange(width, device=device).expand(len(seqs), width), t(at), t(tgt)
+
+
 DUMMY = {"prompt": [0], "completion": [0]}  # keeps a rank's forward count in step with the others
 
 
@@ -411,6 +439,8 @@ class Trainer:
         meta = cfg.meta_load and self._engine_kind() == "vllm" and cfg.model != "tiny"
         with torch.device("meta") if meta else contextlib.nullcontext():
             lm = load_lm(cfg, self.tok, weights=not meta)  # CPU, fp32: fully_shard moves each rank's shard to GPU
+        # flash-attn varlen: one packed row per micro-batch; SDPA: length-grouped padded rows (see padded_inputs)
+        self.packed = getattr(lm.config, "_attn_implementation", None) == "flash_attention_2"
         if cfg.grad_ckpt:  # non-reentrant: composes with FSDP2's hooks (transformers 5 renamed the method)
             if hasattr(lm, "activation_checkpointing_enable"):
                 lm.activation_checkpointing_enable({"use_reentrant": False})
@@ -506,31 +536,41 @@ class Trainer:
     def score_logps(self, model: Policy, seqs: list[dict], key: str) -> None:
         for mb in self.micro_batches(seqs):
             if not mb:
-                model(*packed_inputs([DUMMY], self.device))
+                model(*self.inputs([DUMMY]))
                 continue
-            lp, ent = model(*packed_inputs(mb, self.device))
+            lp, ent = model(*self.inputs(mb))
             for s, a, e in zip(mb, lp.split([len(s["completion"]) for s in mb]),
                                ent.split([len(s["completion"]) for s in mb])):
                 s[key] = a.float().cpu()
                 if key == "old":
                     s["entropy"] = e.float().cpu()
+        # FSDP2 keeps a root's parameters gathered after a no-grad forward; after an earlier backward the next
+        # backward would then count the root's gradients (embeddings, norm, lm_head) twice
+        model.reshard()
 
     def micro_batches(self, seqs: list[dict]) -> list[list[dict]]:
         """Token-budget micro-batches, padded with empty ones so every rank makes the same number of calls."""
-        groups = [[seqs[i] for i in idx] for idx in pack([len(s["prompt"]) + len(s["completion"]) for s in seqs],
-                                                        self.cfg.micro_tokens)]
+        group = pack if self.packed else pad_groups
+        groups = [[seqs[i] for i in idx] for idx in group([len(s["prompt"]) + len(s["completion"]) for s in seqs],
+                                                         self.cfg.micro_tokens)]
         n = int(all_max(len(groups), self.device))
         return groups + [[] for _ in range(n - len(groups))]
+
+    def inputs(self, mb: list[dict]) -> tuple[torch.Tensor, ...]:
+        return (packed_inputs if self.packed else padded_inputs)(mb, self.device)
 
     def update(self, seqs: list[dict]) -> dict:
         cfg = self.cfg
         self.policy.train()
-        self.score_logps(self.policy, seqs, "old")
+        # one optimizer step on the batch: the old policy is the current one, so the ratio is exactly 1 and the
+        # detached current log-probs serve as old ones (TRL does the same with one iteration per generation)
+        if cfg.mini_batches > 1 or cfg.ppo_epochs > 1:
+            self.score_logps(self.policy, seqs, "old")
         if self.ref is not None:
             self.score_logps(self.ref, seqs, "ref")
-            self.ref.reshard()  # FSDP2 keeps a root's parameters gathered after a no-grad forward
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": [], "skipped": 0, "steps": 0,
-                 "entropy": (sum(float(s["entropy"].sum()) for s in seqs), sum(len(s["completion"]) for s in seqs))}
+                 "entropy": [sum(float(s["entropy"].sum()) for s in seqs if "entropy" in s),
+                             sum(len(s["completion"]) for s in seqs)]}
         for _ in range(cfg.ppo_epochs):
             order = seqs[:]
             random.Random(hash_seed(cfg.seed, self.step, self.rank)).shuffle(order)
@@ -562,27 +602,32 @@ class Trainer:
     def _backward(self, mb: list[dict], n_tok: float, stats: dict) -> None:
         cfg = self.cfg
         if not mb:  # a dummy micro-batch: same collectives, zero gradient
-            loss, _, _ = self.policy(*packed_inputs([DUMMY], self.device), loss_fn=lambda lp, ent, sl: lp.sum() * 0.0)
+            loss, _, _ = self.policy(*self.inputs([DUMMY]), loss_fn=lambda lp, ent, sl: lp.sum() * 0.0)
             loss.backward()
             return
         cat = lambda k: torch.cat([s[k] for s in mb]).to(self.device)  # noqa: E731
-        old = cat("old")
+        old = cat("old") if "old" in mb[0] else None  # None: the detached current log-probs (see update)
         adv = torch.cat([torch.full((len(s["completion"]),), s["adv"]) for s in mb]).to(self.device)
         ref = cat("ref") if self.ref is not None else None
-        w = None
-        if cfg.tis_cap > 0:  # trainer vs engine kernels: correct the surrogate with capped importance weights
-            w = (old - cat("engine_lp")).exp().clamp(max=cfg.tis_cap)
+        engine_lp = cat("engine_lp") if cfg.tis_cap > 0 else None
         # token mean over the whole mini-batch on all ranks: FSDP averages gradients over ranks, hence * world
         scale = self.world / n_tok
 
         def token_loss(lp, ent, sl):
-            loss = policy_loss(lp, old[sl], adv[sl], cfg.clip_low, cfg.clip_high, None if w is None else w[sl])[0]
+            old_sl = lp.detach() if old is None else old[sl]
+            w = None
+            if engine_lp is not None:  # trainer vs engine kernels: correct the surrogate with capped importance weights
+                w = (old_sl - engine_lp[sl]).exp().clamp(max=cfg.tis_cap)
+            loss = policy_loss(lp, old_sl, adv[sl], cfg.clip_low, cfg.clip_high, w)[0]
             if ref is not None:
                 loss = loss + cfg.kl_coef * kl_k3(lp, ref[sl])
             return (loss - cfg.entropy_coef * ent).sum() * scale
 
-        loss, lp, _ = self.policy(*packed_inputs(mb, self.device), loss_fn=token_loss)
+        loss, lp, ent = self.policy(*self.inputs(mb), loss_fn=token_loss)
         loss.backward()
+        if old is None:
+            old = lp
+            stats["entropy"][0] += float(ent.sum())
         stats["loss"] += loss.item() / self.world
         if ref is not None:
             stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok

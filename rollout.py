@@ -184,22 +184,44 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """Row b's token: the first whose cumulative probability exceeds u[b] * total (probs >= 0, unnormalized).
+    Two levels: block sums, the block holding the point, then a cumulative sum inside that block only, so the
+    whole vocabulary is read once and summed, never cumulated (a float64 cumsum over 151K is most of the cost)."""
+    B, V = probs.shape
+    m = V // block * block
+    sums = probs[:, :m].view(B, m // block, block).sum(-1, dtype=torch.float64)
+    sums = torch.cat([sums, probs[:, m:].sum(-1, keepdim=True, dtype=torch.float64)], -1)
+    cum = sums.cumsum(-1)
+    v = u.double() * cum[:, -1]  # u < 1 in float64: v < total, so some block holds it
+    # right=True: a block or token of probability 0 never holds v (its cumulative sum equals its predecessor's)
+    b = torch.searchsorted(cum, v[:, None], right=True)[:, 0].clamp(max=len(sums[0]) - 1)
+    rest = v - torch.where(b > 0, cum.gather(-1, (b - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    idx = b[:, None] * block + torch.arange(block, device=probs.device)
+    w = torch.where(idx < V, probs.gather(-1, idx.clamp(max=V - 1)), 0.0)
+    j = torch.searchsorted(w.double().cumsum(-1), rest[:, None], right=True)[:, 0]
+    last = ((w > 0) * torch.arange(1, block + 1, device=probs.device)).argmax(-1)  # float64 rounding guard
+    return b * block + torch.minimum(j, last)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | list[torch.Generator],
                 mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens (B,) and their log-probs (B,) from last-position float32 logits (B, V); `gen`: one generator
-    for the batch, or one per row (seeded samples do not depend on what else is in the batch)."""
-    raw = logits.log_softmax(-1)
+    for the batch, or one per row (seeded samples do not depend on what else is in the batch).
+
+    Sampling is by inverse CDF: one uniform number u per row (`inverse_cdf`). `torch.multinomial` would draw V
+    exponentials per row, most of a CPU decode step at V=151K."""
     if temperature <= 0:
         tok = logits.argmax(-1)
-        return tok, raw.gather(-1, tok[:, None])[:, 0]
-    scaled = top_p_filter(logits / temperature, top_p)
-    probs = scaled.softmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    scaled = top_p_filter(logits if temperature == 1 else logits / temperature, top_p)
     if isinstance(gen, list):
-        tok = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, gen)])
+        u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in gen]).to(logits.device)
     else:
-        tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
-    src = raw if mode == "raw" else scaled.log_softmax(-1)
-    return tok, src.gather(-1, tok[:, None])[:, 0]
+        u = torch.rand(len(logits), generator=gen, device=gen.device).to(logits.device)
+    tok = inverse_cdf(scaled.softmax(-1), u)
+    src = logits if mode == "raw" else scaled  # log p(tok) = logit - logsumexp: no [B, V] log-softmax
+    return tok, src.gather(-1, tok[:, None])[:, 0] - src.logsumexp(-1)
 
 
 # ----------------------------------------------------------------------------- Hugging Face engine

@@ -5,6 +5,8 @@
 Forward and backward of the sum of the log-probs through the lm_head only (what differs between the two
 paths): naive = full [tokens x vocab] logits and autograd; chunked = grpo.FusedLogpLoss. Each variant runs in a fresh process; its peak is the rise of the process's peak RSS (CPU) or of
 torch.cuda.max_memory_allocated (GPU) above the inputs, weights and their gradients, which both paths share.
+Time: the median of `repeats` runs after a warm-up (the machine is shared: a minimum flatters whichever variant
+met a quiet moment). `--rounds=R` alternates the two variants R times and reports the median over rounds.
 """
 import dataclasses
 import json
@@ -25,9 +27,10 @@ class Config:
     tokens: int = 4096
     vocab: int = 151936
     hidden: int = 896
-    chunk: int = 128  # grpo.Config.logit_chunk
-    repeats: int = 3
+    chunk: int = 512  # grpo.Config.logit_chunk
+    repeats: int = 5  # timed runs after one warm-up; the median is reported
     device: str = "cpu"
+    rounds: int = 1  # naive/chunked process pairs, alternated; the median of their medians is reported
     variant: str = ""  # internal: run one variant and print JSON
 
 
@@ -66,7 +69,9 @@ def run_variant(c: Config) -> dict:
         if c.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"variant": c.variant, "time_s": min(times[1:]), "peak_extra_mb": peak_mb(c.device) - before}
+    times = sorted(times[1:])
+    return {"variant": c.variant, "time_s": times[len(times) // 2], "times": [round(t, 3) for t in times],
+            "peak_extra_mb": peak_mb(c.device) - before}
 
 
 def main() -> None:
@@ -76,15 +81,20 @@ def main() -> None:
     if c.variant:
         print(json.dumps(run_variant(c)))
         return
-    res = {}
-    for v in ("naive", "chunked"):
-        args = [f"--{k}={getattr(c, k)}" for k in ("tokens", "vocab", "hidden", "chunk", "repeats", "device")]
-        # a fixed mmap threshold makes glibc hand every large buffer back on free, so peak RSS = peak live memory
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
-        out = subprocess.run([sys.executable, __file__, *args, f"--variant={v}"], capture_output=True, text=True,
-                             check=True, env=env)
-        res[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    runs: dict = {"naive": [], "chunked": []}
+    for _ in range(c.rounds):
+        for v in ("naive", "chunked"):
+            args = [f"--{k}={getattr(c, k)}" for k in ("tokens", "vocab", "hidden", "chunk", "repeats", "device")]
+            # a fixed mmap threshold makes glibc hand every large buffer back on free: peak RSS = peak live memory
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+            out = subprocess.run([sys.executable, __file__, *args, f"--variant={v}"], capture_output=True,
+                                 text=True, check=True, env=env)
+            runs[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res = {v: {"time_s": sorted(r["time_s"] for r in rs)[len(rs) // 2],
+               "peak_extra_mb": max(r["peak_extra_mb"] for r in rs), "times": [r["times"] for r in rs]}
+           for v, rs in runs.items()}
     n, k = res["naive"], res["chunked"]
+    print(json.dumps({"load_avg": os.getloadavg(), "times_s": {v: r["times"] for v, r in res.items()}}))
     print(f"{c.tokens} tokens x vocab {c.vocab} x hidden {c.hidden} on {c.device}, chunk {c.chunk}, forward+backward")
     print(f"naive:   {n['peak_extra_mb']:8.0f} MB peak  {n['time_s']:.3f} s")
     print(f"chunked: {k['peak_extra_mb']:8.0f} MB peak  {k['time_s']:.3f} s")

@@ -80,6 +80,24 @@ def test_packed_logprobs_equal_unpacked(lm):
     s = seqs[1]
     ids, pos, at, tgt = grpo.packed_inputs([s], torch.device("cpu"))
     assert torch.allclose(grpo.naive_logp(lm, ids, pos, at, tgt), pol(ids, pos, at, tgt)[0], atol=1e-5)
+    # SDPA mode: right-padded rows [b, max_len], in any order, give the same log-probs and entropies
+    order = [2, 0, 1]
+    ids, pos, at, tgt = grpo.padded_inputs([seqs[i] for i in order], torch.device("cpu"))
+    assert ids.shape == (3, max(len(s["prompt"]) + len(s["completion"]) for s in seqs))
+    padded, padded_ent = pol(ids, pos, at, tgt)
+    alone_ent = [pol(*grpo.packed_inputs([seqs[i]], torch.device("cpu")))[1] for i in order]
+    assert torch.allclose(padded, torch.cat([alone.split([len(s["completion"]) for s in seqs])[i] for i in order]),
+                          atol=1e-5)
+    assert torch.allclose(padded_ent, torch.cat(alone_ent), atol=1e-5)
+
+
+def test_pad_groups_count_padded_tokens():
+    lengths = [5, 9, 3, 12, 7, 1, 20, 8]
+    groups = grpo.pad_groups(lengths, 24)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    # similar lengths together; rows x longest row within the budget (an over-long row alone)
+    assert groups == [[6], [1, 3], [0, 4, 7], [2, 5]]  # 20 | 12+9 | 8+7+5 (3 x 8) | 3+1
+    assert all(len(g) * max(lengths[i] for i in g) <= 24 or len(g) == 1 for g in groups)
 
 
 def test_chunked_logprobs_and_grads_equal_full(lm):
@@ -339,3 +357,42 @@ def test_gpu_check_skips_without_a_gpu():
     r = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
     assert r.returncode == 0 and r.stdout.strip() == "gpu_check: no GPU (torch.cuda.is_available() is False): skipped"
+
+
+def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_path):
+    """One optimizer step per rollout batch: old log-probs = detached current ones give the same loss, KL,
+    importance weights and gradient as a separate old-log-prob forward, and update() skips that forward.
+    The skipping path runs first: an old-log-prob forward after a backward once doubled the FSDP2 root's
+    gradients (parameters left gathered)."""
+    cfg = grpo.Config(data=rows_file, out_dir=str(tmp_path / "skip"), model="tiny", batch_prompts=2, group=2,
+                      max_new_tokens=4, steps=1, kl_coef=0.05, tis_cap=1.5, entropy_coef=0.01, export=False,
+                      resume=False, seed=5)
+    tr = grpo.Trainer(cfg)
+    g = torch.Generator().manual_seed(1)
+    seqs = [{"prompt": torch.randint(0, 250, (6 + 5 * i,), generator=g).tolist(),
+             "completion": torch.randint(0, 250, (3 + 2 * i,), generator=g).tolist(), "adv": (-1.0) ** i * (i + 1),
+             "engine_lp": -5.5 + 0.3 * torch.randn(3 + 2 * i, generator=g)} for i in range(4)]
+    tr.score_logps(tr.ref, seqs, "ref")
+    for s in seqs:  # the reference starts as a copy of the policy: move it so that the KL term is not zero
+        s["ref"] = s["ref"] + 0.3 * torch.randn(len(s["ref"]), generator=g)
+    n_tok = sum(len(s["completion"]) for s in seqs)
+
+    def grads(batch):
+        tr.policy.zero_grad(set_to_none=True)
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy": [0.0, 0]}
+        for mb in tr.micro_batches(batch):
+            tr._backward(mb, n_tok, stats)
+        return stats, [p.grad.full_tensor().clone() for p in tr.policy.parameters()]
+
+    skip_stats, skip = grads([dict(s) for s in seqs])
+    with_old = [dict(s) for s in seqs]
+    tr.score_logps(tr.policy, with_old, "old")
+    old_stats, full = grads(with_old)
+    assert skip_stats["loss"] == pytest.approx(old_stats["loss"], rel=1e-5, abs=1e-7)
+    assert skip_stats["kl"] == pytest.approx(old_stats["kl"], rel=1e-5) and skip_stats["kl"] > 0
+    assert skip_stats["entropy"][0] == pytest.approx(sum(float(s["entropy"].sum()) for s in with_old), rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(skip, full))
+    assert any(a.abs().sum() > 0 for a in skip)
+    batch = [dict(s) for s in seqs]
+    tr.update(batch)
+    assert all("old" not in s for s in batch)  # mini_batches = ppo_epochs = 1: no old-log-prob forward
