@@ -663,7 +663,7 @@ def validate(cfg: Config, run: Path) -> None:
     if cfg.mine_mode not in ("sample", "rollouts"):
         raise SystemExit(f"curriculum.py: --mine_mode={cfg.mine_mode!r}: sample | rollouts")
     if cfg.command == "summary" and not run.is_dir():
-        raise SystemExit(f"curriculum.py: run directory {run} does not exist")
+        raise SystemExit(f"error: run dir {run} does not exist")
     if cfg.command == "mine":
         need = run / "data" / "stage1.jsonl"
         if not need.is_file():

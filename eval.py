@@ -763,7 +763,8 @@ def score_general(bench: str, rows: list[dict], style: str) -> dict:
                 ok = [float(mmlu_letter(r["pred"]) == r["answers"][0]) for r in rs]
             else:
                 ok = [x for x, _ in reward.score_batch([{"kind": "choice", "answers": r["answers"]} for r in rs],
-                                                       [r["pred"] for r in rs])]
+                                                       [r["pred"] if style == "train" else "</think>" + r["pred"]
+                                                        for r in rs])]  # plain style: no <think> to close
             out[proto] = {"acc": _pct(ok), "n": len(rs), "subjects": len({r["subject"] for r in rs})}
         return out
     if bench != "ifeval":

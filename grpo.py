@@ -73,6 +73,7 @@ class Config:
     tp: int = 2  # vllm tensor parallel size
     gpu_memory_utilization: float = 0.5
     qa_metric: str = "sub_em"
+    qa_rule: str = "guarded"  # guarded (reward.py's anti-hacking guards) | public (the authors' one-way rule)
     save_every: int = 10  # steps between checkpoints (0 = only at the end)
     keep: int = 2  # checkpoints kept
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
@@ -429,7 +430,7 @@ class Trainer:
                              f"{cfg.max_prompt_tokens}; raise it or rebuild the data")
         if not self.rows:
             raise SystemExit(f"{cfg.data}: no rows")
-        self.reward_cfg = rewards.Config(qa_metric=cfg.qa_metric)
+        self.reward_cfg = rewards.Config(qa_metric=cfg.qa_metric, qa_rule=cfg.qa_rule)
         # (rows, texts, finish reasons) -> [(reward, diag)]; a reward_fn given here reads rows and texts only
         self.reward_fn = ((lambda rows, texts, finish: reward_fn(rows, texts)) if reward_fn else
                           (lambda rows, texts, finish: rewards.score_batch(rows, texts, self.reward_cfg, finish=finish)))
@@ -839,6 +840,8 @@ def check_inputs(cfg: Config) -> list[dict]:
     Each row needs messages (a chat) and answers (a non-empty list): without answers every reward is 0."""
     bad = [f"--{k}={getattr(cfg, k)} must be positive" for k in POSITIVE if not getattr(cfg, k) > 0]
     bad += [f"--{k}={getattr(cfg, k)} must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    if cfg.qa_rule not in rewards.QA_RULES or cfg.qa_metric not in rewards.QA_METRICS:
+        bad.append(f"--qa_rule={cfg.qa_rule} / --qa_metric={cfg.qa_metric}: one of {rewards.QA_RULES} / {rewards.QA_METRICS}")
     if bad:
         raise SystemExit(f"grpo.py: {bad[0]}")
     if not cfg.data:

@@ -1198,8 +1198,8 @@ def main(argv: list[str]) -> int:
     # bad input stops here, before a tokenizer folder or an output is created
     if cfg.command not in COMMANDS:
         raise SystemExit(f"keychain.py: unknown command {cfg.command!r} ({' | '.join(COMMANDS)})")
-    bad = [k for k in ("max_tokens", "hops", "needles", "samples", "new_tokens", "batch") if getattr(cfg, k) <= 0]
-    bad += [k for k in ("n", "lo", "hi") if getattr(cfg, k) < 0] + (["chains_per_1k"] if cfg.chains_per_1k < 0 else [])
+    bad = [k for k in ("max_tokens", "hops", "needles", "batch") if getattr(cfg, k) <= 0]
+    bad += [k for k in ("n", "lo", "hi", "chains") if getattr(cfg, k) < 0]
     if bad:
         raise SystemExit(f"keychain.py: --{bad[0]}={getattr(cfg, bad[0])} is out of range")
     if cfg.command == "synth" and not cfg.out:

@@ -110,13 +110,13 @@ def test_keychain_verify_without_keychain_rows_fails(tmp_path):
 
 
 def test_keychain_demo_without_keychain_rows_fails(tmp_path):
-    r = script("keychain.py", "demo", "--out_dir=d/raw", "--max_tokens=4096", cwd=tmp_path)
+    r = script("keychain.py", "demo", "--out_dir=d/raw", "--max_tokens=1024", cwd=tmp_path)
     assert r.returncode == 1 and "demo built no KeyChain rows" in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("args,msg", [
     (["bogus", "--run_dir=run"], "unknown command 'bogus'"),
-    (["summary", "--run_dir=run"], "run directory run does not exist"),
+    (["summary", "--run_dir=run"], "error: run dir run does not exist"),
     (["check", "--preset=13b", "--run_dir=run"], "unknown preset '13b'"),
     (["mine", "--run_dir=run", "--model=m"], "run/data/stage1.jsonl does not exist"),
     (["prepare", "--run_dir=run", "--scale=0"], "--scale=0.0 must be positive"),
