@@ -78,7 +78,7 @@ class Config:
     batch: int = 64  # prompts per generate call
     node_rank: int = 0  # check: nodes other than 0 need no raw files
     # format warm-up of the tiny preset's random model (supervised, before the warmup stage)
-    format_steps: int = 80  # optimizer steps
+    format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
     format_lr: float = 3e-3
 
 
@@ -262,13 +262,16 @@ def format_warmup(cfg: Config, run: Path) -> None:
     policy = grpo.Policy(lm)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.format_lr)
     rng = random.Random(cfg.seed)
+    # linear decay to 0: the format tokens must end up near-deterministic, since the stages sample at T=1
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / cfg.format_steps)
     for step in range(1, cfg.format_steps + 1):
-        batch = rng.sample(seqs, min(4, len(seqs)))
-        logp, _ = policy(*grpo.packed_inputs(batch, torch.device("cpu")))
+        batch = rng.sample(seqs, min(8, len(seqs)))
+        logp, _ = policy(*grpo.padded_inputs(batch, torch.device("cpu")))  # no cross-sequence mask
         loss = -logp.mean()  # mean log-loss of the completion tokens
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if step == 1 or step % 20 == 0:
             print(f"format warm-up: step {step}/{cfg.format_steps} loss {loss.item():.3f}", flush=True)
     out = run / "format" / "hf"
