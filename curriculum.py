@@ -341,7 +341,7 @@ def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: 
     done = read()
     mine = [j for j in jobs if j["id"] not in done][rank::world]
     tok = keychain.load_tokenizer(tokenizer)
-    kind = cfg.engine if cfg.engine != "auto" else ("vllm" if device.type == "cuda" and grpo._has("vllm") else "hf")
+    kind = grpo.engine_kind(cfg.engine, device)
     rcfg = rollout.Config(engine=kind, n=group, temperature=temperature, max_new_tokens=max_new_tokens,
                           max_prompt_tokens=max_prompt, device=str(device), tp=tp, seed=cfg.seed)
     engine = rollout.make_engine(rcfg, model, tok)

@@ -275,6 +275,13 @@ def save_random_model(out_dir: str, tokenizer: str = "", shape: str = "0.5b", se
     return str(out)
 
 
+def engine_kind(engine: str, device: torch.device) -> str:
+    """auto: vLLM on a GPU where it is installed, else the HF engine."""
+    if engine != "auto":
+        return engine
+    return "vllm" if device.type == "cuda" and _has("vllm") else "hf"
+
+
 def _has(mod: str) -> bool:
     import importlib.util
 
@@ -472,9 +479,7 @@ class Trainer:
             self.trim_logs()
 
     def _engine_kind(self) -> str:
-        if self.cfg.engine != "auto":
-            return self.cfg.engine
-        return "vllm" if self.device.type == "cuda" and _has("vllm") else "hf"
+        return engine_kind(self.cfg.engine, self.device)
 
     def _make_engine(self, lm):
         cfg = self.cfg
