@@ -54,35 +54,44 @@ from keychain import (QA_PROMPT, RULER_NEEDLE, SYL, DataError, atomic_write, cha
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
+    # -- model
     model: str = ""  # HF path or hub id; empty = tiny random Qwen2 on the byte tokenizer (smoke run)
     tokenizer: str = ""  # empty = the model's own
-    engine: str = "hf"  # hf (CPU, KV-cache loop) | vllm (GPU)
-    out_dir: str = "runs/eval"
-    data_dir: str = "data/eval"
+    # -- data: which benchmarks, read from where
     benchmarks: str = "longbench,ruler"  # longbench, ruler, niah, mmlu, math500, ifeval
+    data_dir: str = "data/eval"  # one folder per benchmark (files listed above); generated RULER tasks need none
+    limit: int = 0  # first N items of every file; MMLU: of every subject (0 = all)
+    # -- prompts and budgets
     prompt_style: str = "longbench"  # longbench (each benchmark's own templates) | train (system prompt, <think>, box)
     max_length: int = 31500  # LongBench middle-truncation budget in tokens (LongBench's value for 32K models)
-    max_model_len: int = 0  # engine context; 0 = max(32768, longest RULER / needle length (+ think_tokens in train))
-    rope_yarn_factor: float = -1.0  # -1 = 4.0 when max_model_len > 32768 (Qwen2.5's YaRN recipe), else off; 0 = off
     think_tokens: int = 4096  # new tokens in the train style and for MMLU / MATH-500 / IFEval (paper: 4096)
     max_new_tokens: int = 0  # > 0 caps every generation (smoke runs); prompt budgets keep the real reserve
-    ruler_lengths: str = "4096,8192,16384,32768,65536,131072"
+    # -- ruler and needle
+    ruler_lengths: str = "4096,8192,16384,32768,65536,131072"  # context lengths in tokens (paper: 16K to 128K)
     ruler_tasks: str = "all"  # or a comma list of RULER task names (see RULER_TASKS)
     num_samples: int = 100  # RULER items per task and length (RULER's default is 500)
     niah_lengths: str = ""  # empty = ruler_lengths
     niah_depths: int = 11  # depths 0%, 10%, ..., 100%
     niah_samples: int = 4  # needles per grid cell
-    limit: int = 0  # first N items of every file; MMLU: of every subject (0 = all)
+    # -- general benchmarks
     mmlu_protocol: str = "both"  # standard (5-shot from dev, "Answer:" + letter) | trained (0-shot, boxed) | both
+    # -- sampling: greedy, as the paper evaluates
+    seed: int = 42  # draws the RULER / needle items (same seed, same items) and seeds the engine
+    # -- engine
+    engine: str = "hf"  # hf (CPU, KV-cache loop) | vllm (GPU)
+    max_model_len: int = 0  # engine context; 0 = max(32768, longest RULER / needle length (+ think_tokens in train))
+    rope_yarn_factor: float = -1.0  # -1 = 4.0 when max_model_len > 32768 (Qwen2.5's YaRN recipe), else off; 0 = off
     batch: int = 32  # prompts per engine call; every finished batch is appended to preds.jsonl
     tp: int = 1  # vLLM tensor parallel (tp > 1: launch with torchrun --nproc_per_node=tp)
-    gpu_memory_utilization: float = 0.9
-    seed: int = 42
+    gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU: no trainer shares it during evaluation
+    # -- output
+    out_dir: str = "runs/eval"  # preds.jsonl per benchmark, run.json, scores.json, results.md; reruns resume here
 
 
 BENCHMARKS = ("longbench", "ruler", "niah", "mmlu", "math500", "ifeval")
 
-# ----------------------------------------------------------------------------- official templates (quoted as data)
+
+# ----------------------------------------------------------------------------- prompts: official templates, rendering
 # LongBench config/dataset2prompt.json and dataset2maxlen.json ("asconcisely" and " Answer" are LongBench's own bytes)
 _LB_MULTIHOP = (
     "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\n"
@@ -105,8 +114,6 @@ LB_PROMPTS = {
     "hotpotqa": _LB_MULTIHOP, "2wikimqa": _LB_MULTIHOP, "musique": _LB_MULTIHOP,
 }
 LB_MAXLEN = {"narrativeqa": 128, "qasper": 128, "hotpotqa": 32, "2wikimqa": 32, "musique": 32}
-LB_DATASETS = ("hotpotqa", "2wikimqa", "musique", "narrativeqa", "qasper")  # the paper's column order
-NARRQA_SPLITS = ((16384, "0-16K"), (32768, "16-32K"), (65536, "32-64K"), (math.inf, "64K+"))
 
 # RULER scripts/data/synthetic/constants.py: task -> (template, answer prefix, tokens to generate)
 RULER_TEMPLATES = {
@@ -133,53 +140,12 @@ RULER_TEMPLATES = {
            "documents. Only give me the answer and do not output any other words.\n\nQuestion: {query}",
            " Answer:", 32),
 }
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.round(np.linspace(0, 100, 40))
-# RULER scripts/synthetic.yaml; niah args: haystack, key type, value type, keys, values per key, queried keys
-RULER_TASKS: dict[str, tuple[str, Any]] = {
-    "niah_single_1": ("niah", ("noise", "words", "numbers", 1, 1, 1)),
-    "niah_single_2": ("niah", ("essay", "words", "numbers", 1, 1, 1)),
-    "niah_single_3": ("niah", ("essay", "words", "uuids", 1, 1, 1)),
-    "niah_multikey_1": ("niah", ("essay", "words", "numbers", 4, 1, 1)),
-    "niah_multikey_2": ("niah", ("needle", "words", "numbers", 1, 1, 1)),
-    "niah_multikey_3": ("niah", ("needle", "uuids", "uuids", 1, 1, 1)),
-    "niah_multivalue": ("niah", ("essay", "words", "numbers", 1, 4, 1)),
-    "niah_multiquery": ("niah", ("essay", "words", "numbers", 1, 1, 4)),
-    "vt": ("variable_tracking", None), "cwe": ("common_words_extraction", None),
-    "fwe": ("freq_words_extraction", None), "qa_1": ("qa", "squad"), "qa_2": ("qa", "hotpotqa"),
-}
+
 # general benchmarks, plain style (the train style's system prompt already asks for the box)
 MMLU_SUFFIX = "\n\nAnswer with the letter of the correct option, written as \\boxed{X}."
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5's math prompt
 
-# ----------------------------------------------------------------------------- the paper's numbers (poster tables)
-PAPER_LONGBENCH = {  # LC avg, HotpotQA, 2WikiMQA, MuSiQue, NarrQA, Qasper (LongBench v1 qa_f1_score)
-    "Qwen2.5-7B-Instruct": (48.9, 69.5, 50.5, 34.0, 44.5, 46.0),
-    "+ RL without KeyChain (7B)": (66.2, 80.3, 84.7, 58.5, 53.0, 54.5),
-    "LoongRL-7B": (72.4, 83.1, 91.1, 65.6, 58.4, 63.6),
-    "Qwen2.5-14B-Instruct": (53.1, 74.0, 60.5, 36.5, 48.5, 46.0),
-    "LoongRL-14B": (74.2, 82.2, 93.3, 67.5, 63.4, 64.5),
-    "QwenLong-L1-32B": (70.1, 80.7, 89.1, 65.2, 58.6, 56.7),
-    "o3-mini (medium)": (74.5, 83.0, 89.0, 64.0, 60.7, 60.5),
-    "DeepSeek-R1": (74.9, 82.7, 91.3, 72.2, 66.9, 61.4),
-}
-PAPER_LENGTH = {  # NarrQA 0-16K, 16-32K, 32-64K; RULER 16K, 32K, 64K, 128K
-    "Qwen2.5-7B-Instruct": (55.7, 35.2, 42.4, 92.3, 89.5, 81.8, 69.4),
-    "LoongRL-7B": (69.8, 47.4, 57.2, 93.4, 91.4, 86.2, 76.8),
-    "LoongRL-14B": (69.5, 55.2, 64.3, 95.4, 95.1, 87.1, 79.9),
-    "QwenLong-L1-32B": (65.9, 48.1, 60.0, 87.6, 86.8, 80.6, 70.2),
-}
-PAPER_RULER_LENGTHS = (16384, 32768, 65536, 131072)
-PAPER_GENERAL = {  # general avg, MMLU, MATH-500, IFEval
-    "Qwen2.5-7B-Instruct": (73.5, 73.4, 76.0, 71.2),
-    "LoongRL-7B": (75.0, 76.2, 78.0, 70.9),
-    "Qwen2.5-14B-Instruct": (81.3, 79.4, 83.4, 81.0),
-    "LoongRL-14B": (80.7, 80.5, 83.2, 78.4),
-    "R1-Distill-Qwen-7B": (69.9, 62.3, 92.8, 54.7),
-}
 
-
-# ----------------------------------------------------------------------------- prompts
 def render(tok, user: str, style: str, prefill: str = "") -> str:
     """The exact prompt text. train: system prompt + `<think>` prefill (keychain.render_prompt); otherwise the model's
     chat template around the benchmark's own user turn (as LongBench's pred.py does for chat models) + prefill."""
@@ -198,6 +164,11 @@ def middle_truncate(tok, prompt: str, max_length: int) -> str:
     return tok.decode(ids[:half], skip_special_tokens=True) + tok.decode(ids[-half:], skip_special_tokens=True)
 
 
+# ----------------------------------------------------------------------------- LongBench
+LB_DATASETS = ("hotpotqa", "2wikimqa", "musique", "narrativeqa", "qasper")  # the paper's column order
+NARRQA_SPLITS = ((16384, "0-16K"), (32768, "16-32K"), (65536, "32-64K"), (math.inf, "64K+"))
+
+
 def e_bucket(length: int) -> str:
     """LongBench-E bucket of an item's `length` field (words), as LongBench's eval.py scorer_e."""
     return "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
@@ -208,16 +179,6 @@ def narrqa_split(context_tokens: int) -> str:
     return next(name for hi, name in NARRQA_SPLITS if context_tokens < hi)
 
 
-def answer_text(text: str, style: str) -> str:
-    """What the benchmark metric reads: the whole reply (LongBench, RULER), or the box in the train style."""
-    return (reward.extract_answer(text) or "") if style == "train" else text
-
-
-def _cap(cfg: Config, n: int) -> int:
-    return min(n, cfg.max_new_tokens) if cfg.max_new_tokens > 0 else n
-
-
-# ----------------------------------------------------------------------------- LongBench
 def lb_budget(tok, cfg: Config, max_model_len: int, reserve: int) -> int:
     """LongBench truncates the bare prompt to max_length; capped so template + prompt + reply fit the engine."""
     overhead = count_tokens(tok, [render(tok, "", cfg.prompt_style)])[0]
@@ -251,10 +212,29 @@ def longbench_items(path: Path, tok, cfg: Config, max_model_len: int) -> tuple[l
     return items, reserve
 
 
-# ----------------------------------------------------------------------------- RULER resources
+# ----------------------------------------------------------------------------- RULER: resources, generators, items
+# RULER scripts/synthetic.yaml; niah args: haystack, key type, value type, keys, values per key, queried keys
+RULER_TASKS: dict[str, tuple[str, Any]] = {
+    "niah_single_1": ("niah", ("noise", "words", "numbers", 1, 1, 1)),
+    "niah_single_2": ("niah", ("essay", "words", "numbers", 1, 1, 1)),
+    "niah_single_3": ("niah", ("essay", "words", "uuids", 1, 1, 1)),
+    "niah_multikey_1": ("niah", ("essay", "words", "numbers", 4, 1, 1)),
+    "niah_multikey_2": ("niah", ("needle", "words", "numbers", 1, 1, 1)),
+    "niah_multikey_3": ("niah", ("needle", "uuids", "uuids", 1, 1, 1)),
+    "niah_multivalue": ("niah", ("essay", "words", "numbers", 1, 4, 1)),
+    "niah_multiquery": ("niah", ("essay", "words", "numbers", 1, 1, 4)),
+    "vt": ("variable_tracking", None), "cwe": ("common_words_extraction", None),
+    "fwe": ("freq_words_extraction", None), "qa_1": ("qa", "squad"), "qa_2": ("qa", "hotpotqa"),
+}
+# RULER's noise haystack: the filler line of the noise needles and of variable tracking
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+DEPTHS = [round(100 * i / 39) for i in range(40)]  # RULER: np.round(np.linspace(0, 100, 40))
+
+
 def ruler_resources(data_dir: Path, seed: int) -> dict:
     """Word lists (RULER takes them from wonderwords) and the user's essay / QA files, when present."""
-    d, res = data_dir / "ruler", {"seed": seed}
+    d = data_dir / "ruler"
+    res: dict = {"seed": seed}
     try:
         from wonderwords import random_word as rw
 
@@ -262,10 +242,12 @@ def ruler_resources(data_dir: Path, seed: int) -> dict:
                                                                          "verblist.txt"))
     except ImportError:  # procedural stand-ins: same task, different vocabulary
         print("eval: wonderwords is not installed; RULER keys and CWE words are procedural")
-        nouns, adjs = [a + b for a in SYL for b in SYL], [a + b + "ic" for a in SYL for b in SYL[:10]]
+        nouns = [a + b for a in SYL for b in SYL]
+        adjs = [a + b + "ic" for a in SYL for b in SYL[:10]]
         verbs = [a + b + "ate" for a in SYL for b in SYL[10:]]
         res["procedural_words"] = True
-    res["adjs"], res["nouns"] = adjs, nouns
+    res["adjs"] = adjs
+    res["nouns"] = nouns
     words = sorted(set(nouns + adjs + verbs))
     random.Random(seed).shuffle(words)
     res["cwe_words"] = words
@@ -320,7 +302,6 @@ def task_available(task: str, res: dict) -> str:
     return ""
 
 
-# ----------------------------------------------------------------------------- RULER generators
 # Each takes (rng, n = haystack size, i = sample index, L, res) -> RULER's full text (input + answer prefix), answers.
 def _rand(rng: random.Random, kind: str, res: dict) -> str:
     if kind == "numbers":
@@ -366,7 +347,8 @@ def gen_niah(rng, n, i, L, res, args, depth: int | None = None) -> tuple[str, li
     queries = [keys[k] for k in picked]
     query = ", ".join(queries[:-1]) + ", and " + queries[-1] if len(queries) > 1 else queries[0]
     template, prefix, _ = RULER_TEMPLATES["niah"]
-    template, type_v = template + prefix, vt
+    template = template + prefix
+    type_v = vt
     if nq * nv == 1:  # RULER's singular wording, applied to the template before filling
         for a, b in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
             template = template.replace(a, b)
@@ -637,14 +619,15 @@ def general_items(bench: str, cfg: Config, rows: dict | None = None) -> list[dic
     return items
 
 
-# ----------------------------------------------------------------------------- generation, resumable
+# ----------------------------------------------------------------------------- the resumable runner
 def read_preds(path: Path) -> dict[str, dict]:
     """Finished predictions by id (the last line of an id wins). A line cut short by an interruption, or one that is
     not a prediction (no id, not an object), is skipped, reported, and removed from the file."""
     if not path.exists():
         return {}
     text = path.read_text(encoding="utf-8")
-    rows, good, bad = {}, [], []
+    rows = {}
+    good, bad = [], []  # the lines kept, the line numbers dropped
     for n, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
@@ -665,6 +648,10 @@ def read_preds(path: Path) -> dict[str, dict]:
 
 def _rank() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _cap(cfg: Config, n: int) -> int:
+    return min(n, cfg.max_new_tokens) if cfg.max_new_tokens > 0 else n
 
 
 def generate(engine, tok, prompts: list[str], max_new: int, seed: int) -> list[tuple[str, str, int]]:
@@ -712,6 +699,11 @@ def run(bench: str, items: list[dict], max_new: int, engine, tok, cfg: Config, r
 
 # ----------------------------------------------------------------------------- scoring
 SUB_EM = reward.Config(qa_metric="sub_em")
+
+
+def answer_text(text: str, style: str) -> str:
+    """What the benchmark metric reads: the whole reply (LongBench, RULER), or the box in the train style."""
+    return (reward.extract_answer(text) or "") if style == "train" else text
 
 
 def _pct(xs: list[float]) -> float | None:
@@ -783,7 +775,34 @@ def score_general(bench: str, rows: list[dict], style: str) -> dict:
             "inst_loose": _pct([y for x in res for y in x["inst_level_loose_acc"]]), "n": len(rows)}
 
 
-# ----------------------------------------------------------------------------- the table
+# ----------------------------------------------------------------------------- the table: ours beside the paper's
+# the paper's numbers (poster tables); table() prints them under our row
+PAPER_LONGBENCH = {  # LC avg, HotpotQA, 2WikiMQA, MuSiQue, NarrQA, Qasper (LongBench v1 qa_f1_score)
+    "Qwen2.5-7B-Instruct": (48.9, 69.5, 50.5, 34.0, 44.5, 46.0),
+    "+ RL without KeyChain (7B)": (66.2, 80.3, 84.7, 58.5, 53.0, 54.5),
+    "LoongRL-7B": (72.4, 83.1, 91.1, 65.6, 58.4, 63.6),
+    "Qwen2.5-14B-Instruct": (53.1, 74.0, 60.5, 36.5, 48.5, 46.0),
+    "LoongRL-14B": (74.2, 82.2, 93.3, 67.5, 63.4, 64.5),
+    "QwenLong-L1-32B": (70.1, 80.7, 89.1, 65.2, 58.6, 56.7),
+    "o3-mini (medium)": (74.5, 83.0, 89.0, 64.0, 60.7, 60.5),
+    "DeepSeek-R1": (74.9, 82.7, 91.3, 72.2, 66.9, 61.4),
+}
+PAPER_LENGTH = {  # NarrQA 0-16K, 16-32K, 32-64K; RULER 16K, 32K, 64K, 128K
+    "Qwen2.5-7B-Instruct": (55.7, 35.2, 42.4, 92.3, 89.5, 81.8, 69.4),
+    "LoongRL-7B": (69.8, 47.4, 57.2, 93.4, 91.4, 86.2, 76.8),
+    "LoongRL-14B": (69.5, 55.2, 64.3, 95.4, 95.1, 87.1, 79.9),
+    "QwenLong-L1-32B": (65.9, 48.1, 60.0, 87.6, 86.8, 80.6, 70.2),
+}
+PAPER_RULER_LENGTHS = (16384, 32768, 65536, 131072)
+PAPER_GENERAL = {  # general avg, MMLU, MATH-500, IFEval
+    "Qwen2.5-7B-Instruct": (73.5, 73.4, 76.0, 71.2),
+    "LoongRL-7B": (75.0, 76.2, 78.0, 70.9),
+    "Qwen2.5-14B-Instruct": (81.3, 79.4, 83.4, 81.0),
+    "LoongRL-14B": (80.7, 80.5, 83.2, 78.4),
+    "R1-Distill-Qwen-7B": (69.9, 62.3, 92.8, 54.7),
+}
+
+
 def _k(L: int) -> str:
     return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
@@ -963,6 +982,7 @@ def check(cfg: Config, load_model: bool = True) -> dict:
     """Everything a run needs, checked before anything is loaded or created: one line per problem, then exit.
     Returns the plan: benchmarks, lengths, RULER tasks and resources, general rows, engine window, unit keys."""
     problems: list[str] = []
+    # 1) option values: benchmark names, choices, ranges
     benches = [b.strip() for b in cfg.benchmarks.split(",") if b.strip()]
     if unknown := [b for b in benches if b not in BENCHMARKS]:
         problems.append(f"--benchmarks: unknown {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
@@ -977,6 +997,7 @@ def check(cfg: Config, load_model: bool = True) -> dict:
     for flag in ("limit", "max_new_tokens", "max_model_len"):
         if getattr(cfg, flag) < 0:
             problems.append(f"--{flag}={getattr(cfg, flag)}: must be 0 or more")
+    # 2) lengths, and the engine window and YaRN factor they need
     ruler_L = lengths("ruler_lengths", cfg.ruler_lengths, problems) if "ruler" in benches else []
     niah_L = (lengths("niah_lengths" if cfg.niah_lengths else "ruler_lengths", cfg.niah_lengths or cfg.ruler_lengths,
                       problems) if "niah" in benches else [])
@@ -987,9 +1008,11 @@ def check(cfg: Config, load_model: bool = True) -> dict:
         problems.append(f"--max_model_len={cfg.max_model_len}: the longest RULER / needle length needs {need}"
                         + (" (L + think_tokens in the train style)" if extra else ""))
     yarn = cfg.rope_yarn_factor if cfg.rope_yarn_factor >= 0 else (4.0 if window > 32768 else 0.0)
+    # 3) the model and tokenizer names (skipped when the caller brings its own engine)
     if load_model:
         problems += [m for flag in ("model", "tokenizer") if getattr(cfg, flag)
                      and (m := model_problem(flag, getattr(cfg, flag)))]
+    # 4) the data: LongBench files, RULER resources and tasks, general rows, IFEval's checkers
     data = Path(cfg.data_dir)
     plan: dict[str, Any] = {"benches": benches, "ruler_L": ruler_L, "niah_L": niah_L, "window": window, "yarn": yarn,
                             "rows": {}, "tasks": []}
@@ -1001,8 +1024,9 @@ def check(cfg: Config, load_model: bool = True) -> dict:
         for f in files:
             try:
                 recs = [r for _, r in read_records(f)]
-                bad = next((i for i, r in enumerate(recs) if not isinstance(r, dict) or not {"input", "context",
-                            "answers"} <= r.keys() or not isinstance(r["answers"], list)), None)
+                bad = next((i for i, r in enumerate(recs)
+                            if not isinstance(r, dict) or not {"input", "context", "answers"} <= r.keys()
+                            or not isinstance(r["answers"], list)), None)
                 if not recs:
                     problems.append(f"{f}: no records")
                 elif bad is not None:
@@ -1034,7 +1058,8 @@ def check(cfg: Config, load_model: bool = True) -> dict:
                 problems.append(f"{bench}: {e}" if isinstance(e, csv.Error) else str(e))
     if "ifeval" in plan["rows"]:
         problems += ifeval_problems(plan["rows"]["ifeval"]["test"])
-    # predictions are only reusable when everything that shapes their prompts or replies is unchanged
+    # 5) each unit's settings key against run.json: predictions are only reusable when everything that shapes
+    # their prompts or replies is unchanged
     common = {k: getattr(cfg, k) for k in ("model", "tokenizer", "prompt_style", "think_tokens", "max_new_tokens",
                                            "seed")} | {"rope_yarn_factor": yarn, "data_dir": str(data.resolve())}
     res = plan.get("res", {})
@@ -1043,13 +1068,15 @@ def check(cfg: Config, load_model: bool = True) -> dict:
     units = {b: dict(common) for b in benches if b in ("mmlu", "math500", "ifeval")}
     if "longbench" in benches:
         units["longbench"] = common | {"max_length": cfg.max_length, "max_model_len": window}
-    units |= {f"ruler/{L}": common | words for L in ruler_L} | {f"niah/{L}": common | words for L in niah_L}
+    units |= {f"ruler/{L}": common | words for L in ruler_L}
+    units |= {f"niah/{L}": common | words for L in niah_L}
     out = Path(cfg.out_dir)
     stored, readable = read_run_json(out)
     for u, key in units.items():
         if u in stored and stored[u] != key:
             diff = ", ".join(f"{k}={stored[u].get(k)!r} (now {v!r})" for k, v in key.items() if stored[u].get(k) != v)
             problems.append(f"{out}: its {u} predictions were made with {diff}: use another --out_dir")
+    # 6) every problem at once, or the plan
     if problems:
         raise SystemExit("\n".join(f"error: {p}" for p in problems))
     plan.update(units=units, stored=stored, readable=readable)
@@ -1076,7 +1103,8 @@ def merge(old: dict, new: dict) -> dict:
         elif bench == "niah" and out.get(bench, {}).get("task") == s["task"] and \
                 out[bench].get("samples") == s.get("samples"):
             o = out[bench]
-            Ls, ds = sorted(set(o["lengths"]) | set(s["lengths"])), sorted(set(o["depths"]) | set(s["depths"]))
+            Ls = sorted(set(o["lengths"]) | set(s["lengths"]))
+            ds = sorted(set(o["depths"]) | set(s["depths"]))
             cell = {(d, L): x for g in (o, s) for d, row in zip(g["depths"], g["grid"])
                     for L, x in zip(g["lengths"], row)}
             out[bench] = {**s, "lengths": Ls, "depths": ds, "grid": [[cell.get((d, L)) for L in Ls] for d in ds]}
@@ -1090,12 +1118,19 @@ def merge(old: dict, new: dict) -> dict:
 # ----------------------------------------------------------------------------- driver
 def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
     """Run cfg.benchmarks; merge the scores into <out_dir>/scores.json and results.md; return the merged scores."""
+    # 1) check everything before anything is loaded or written
     plan = check(cfg, load_model=engine is None)
-    benches, ruler_L, niah_L, window, yarn = (plan[k] for k in ("benches", "ruler_L", "niah_L", "window", "yarn"))
-    out, style = Path(cfg.out_dir), cfg.prompt_style
-    writer = _rank()[0] == 0
+    benches = plan["benches"]
+    ruler_L = plan["ruler_L"]
+    niah_L = plan["niah_L"]
+    window = plan["window"]  # the engine's context
+    yarn = plan["yarn"]
+    out = Path(cfg.out_dir)
+    style = cfg.prompt_style
+    writer = _rank()[0] == 0  # rank 0 alone writes files
     parts = Path(cfg.model.rstrip("/")).parts if cfg.model else ("tiny random model",)
     name = "/".join(parts[-3:] if parts[-1] == "hf" else parts[-1:])  # runs/7b/stage2/hf -> 7b/stage2/hf
+    # 2) tokenizer and engine; a failure here is one line, with nothing written yet
     try:
         if tok is None:
             with tempfile.TemporaryDirectory() as tmp:  # the tiny byte tokenizer is built here, never in the cwd
@@ -1109,7 +1144,8 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
     except (OSError, ValueError) as e:  # nothing is written yet: a corrected rerun starts clean
         what = f"--model={cfg.model}" + (f" / --tokenizer={cfg.tokenizer}" if cfg.tokenizer else "")
         raise SystemExit(f"error: {what}: loading failed: {str(e).strip().splitlines()[0]}") from None
-    stored, units = dict(plan["stored"]), plan["units"]
+    stored = dict(plan["stored"])
+    units = plan["units"]
 
     def start(unit: str) -> bool:
         """Record the unit's settings before its first prediction; True when earlier predictions may be reused."""
@@ -1119,11 +1155,14 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
             atomic_write(out / "run.json", lambda p: p.write_text(json.dumps({"format": 2, "units": stored}, indent=1)))
         return reuse
 
+    # the settings behind each column of results.md
     cap = lambda n: f"{_cap(cfg, n):,}" + (" (--max_new_tokens)" if _cap(cfg, n) < n else "")  # noqa: E731
     common = {"prompts": style, "window": f"{window:,}", "YaRN": f"x{yarn:g}" if yarn else "off"}
     scores: dict[str, Any] = {"settings": {}}
+    # 3) LongBench: every file present
     if "longbench" in benches:
-        reuse, rows = start("longbench"), []
+        reuse = start("longbench")
+        rows = []
         for f in plan["lb_files"]:
             items, reserve = longbench_items(f, tok, cfg, window)
             rows += run("longbench", items, reserve, engine, tok, cfg, reuse)
@@ -1135,13 +1174,16 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
             "reply budget": "thinking " + cap(cfg.think_tokens) if style == "train" else
             "/".join(dict.fromkeys(cap(r) for r in reserves)) + " (LongBench's per set)"}
 
-    res, gens = plan.get("res"), "/".join(str(g) for g in sorted({t[2] for t in RULER_TEMPLATES.values()}))
+    # 4) RULER: every task at every length (one unit per length)
+    res = plan.get("res")
+    gens = "/".join(str(g) for g in sorted({t[2] for t in RULER_TEMPLATES.values()}))
     ruler_reply = ("thinking " + cap(cfg.think_tokens) if style == "train" else
                    "RULER's tokens_to_generate" + (f" (capped {cfg.max_new_tokens})" if cfg.max_new_tokens else ""))
     if "ruler" in benches:
         scores["ruler"] = {}
         for L in ruler_L:
-            reuse, per = start(f"ruler/{L}"), {}
+            reuse = start(f"ruler/{L}")
+            per = {}
             for task in plan["tasks"]:
                 if why := task_available(task, res):
                     print(f"eval: RULER {task} needs {why}; skipped")
@@ -1156,6 +1198,7 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
             scores["settings"][f"RULER {_k(L)}"] = common | {
                 "prompt budget": f"{L:,} minus tokens_to_generate ({gens})", "reply budget": ruler_reply}
 
+    # 5) needle grid: one needle task at every depth and length (the essay haystack when there is one)
     if "niah" in benches:
         task = "niah_single_2" if "essay" in res else "niah_single_1"
         depths = [round(100 * k / max(1, cfg.niah_depths - 1)) for k in range(cfg.niah_depths)]
@@ -1172,6 +1215,7 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
                                                                "reply budget": ruler_reply}
         scores["niah"] = {"task": task, "samples": cfg.niah_samples, "lengths": niah_L, "depths": depths, "grid": grid}
 
+    # 6) general benchmarks: a standard MMLU reply is a letter (MMLU_STANDARD_NEW), the others get think_tokens
     for bench in ("mmlu", "math500", "ifeval"):
         if bench in benches:
             items = general_items(bench, cfg, plan["rows"][bench])
@@ -1191,6 +1235,7 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
                      "reply budget": f"{MMLU_STANDARD_NEW} (first line read)"} if proto == "standard" else
                     {"prompt budget": "–", "reply budget": cap(cfg.think_tokens)})
 
+    # 7) rank 0: merge with the scores already in out_dir, then write scores.json, results.md and the heatmap
     if writer:
         old = {}
         if plan["readable"] and (out / "scores.json").exists():
@@ -1208,7 +1253,8 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
         md = table(scores, f"{name} ({style} prompts)")
         atomic_write(out / "results.md", lambda p: p.write_text(md))
         print(md + f"\nwrote {out / 'scores.json'} and {out / 'results.md'}")
-    if _rank()[1] > 1:  # every rank returns rank 0's merged scores
+    # 8) every rank returns rank 0's merged scores
+    if _rank()[1] > 1:
         box = [scores]
         dist.broadcast_object_list(box, src=0)
         scores = box[0]

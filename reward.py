@@ -84,13 +84,16 @@ from keychain import DataError, parse_config, read_records, write_rows
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
+    # -- data: the command line's files
     rows: str = ""  # CLI: rows .jsonl/.parquet (keychain.py output)
     responses: str = ""  # CLI: {"id", "response"[, "finish"]} .jsonl
     out: str = ""  # CLI: optional .jsonl of {"id", "reward", "pred", "rule"} per response
+    # -- reward: the QA metric and the guards' limits
     qa_metric: str = "sub_em"  # sub_em (final runs) | substring (gold in answer) | em | f1 | hotpot_f1
     qa_rule: str = "guarded"  # guarded (the guards listed above) | public (authors' public one-way rule, empty = 0)
     max_answer_chars: int = 128  # too_long slack over the longest gold (authors' strict mode); < 0 disables
     max_extra_words: int = 2  # content words allowed beside the gold ("the city of Paris"); more = a list
+    # -- math: math-verify and the process pool that runs it
     math_timeout: int = 5  # seconds per math-verify parse/compare (signal based: main thread only)
     workers: int = 0  # processes for math rows in score_batch; 0 = min(cpu count, 8); 1 = inline
     pool_min: int = 32  # fewer math rows than this are scored inline (pool start-up costs more)
@@ -553,7 +556,9 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
     """Reward of one response to one row, by the row's kind, and {"pred", "rule"} saying what decided.
     finish: the engine's finish reason; "length" (cut at the token limit) scores 0."""
     cfg = cfg or DEFAULT
-    kind, golds = row.get("kind"), _golds(row)
+    # 1) the row and the rule must be known: a typo must fail loudly, not pay 0 to every response
+    kind = row.get("kind")
+    golds = _golds(row)
     if kind not in KINDS:
         raise ValueError(f"row {row.get('id')!r}: unknown kind {kind!r}")
     if cfg.qa_rule not in QA_RULES:
@@ -567,8 +572,10 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
     if not isinstance(response, str):
         return out(0, "no_answer")
     public = cfg.qa_rule == "public" and kind in ("qa", "keychain")
+    # 2) the final answer (kept in diag even when a gate below scores 0)
     pred, _, n_boxes = _final(response, kind, join=kind == "ruler")
     diag["pred"] = pred
+    # 3) gates in every mode: a cut or unfinished response, no answer, no gold
     if finish == "length":
         return out(0, "length")
     if "</think>" not in response:
@@ -577,12 +584,15 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
         return out(0, "no_answer")
     if not golds:
         return out(0, "no_gold")
-    if public:  # the authors' public code: normalized gold inside the normalized answer; "" is inside everything
-        p, gs = normalize_answer(pred), [g for g in map(normalize_answer, golds) if g]
+    # 4) the authors' public rule: normalized gold inside the normalized answer; "" is inside everything
+    if public:
+        p = normalize_answer(pred)
+        gs = [g for g in map(normalize_answer, golds) if g]
         if not p:
             return out(0, "empty")
         return out(float(any(g in p for g in gs)), "public") if gs else out(0, "no_gold")
 
+    # 5) guards shared by every kind: a hedge over boxes, a long enumeration, an empty answer
     if (n_boxes > 1 and kind != "ruler") or _BOX.search(pred):
         return out(0, "multi_box")
     ref_len = sum(len(g) + 2 for g in golds) if kind == "ruler" else max(map(len, golds))
@@ -590,8 +600,10 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
         return out(0, "too_long")
     if not (_norm(pred) if kind in ("qa", "keychain", "ruler") else re.search(r"[^\W_]", pred)):
         return out(0, "empty")
+    # 6) grade by kind
     if kind == "choice":
-        want, got = _choice_letter(unwrap(golds[0])), _choice_letter(pred)
+        want = _choice_letter(unwrap(golds[0]))
+        got = _choice_letter(pred)
         return out(float(got is not None and got == want), "choice" if got else "choice_unparsed")
     if kind == "math":
         return out(*_math(pred, golds, cfg))

@@ -60,34 +60,38 @@ def vllm_range_text() -> str:
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    engine: str = "hf"  # hf | vllm
+    # -- model
     model: str = ""  # script: HF path or hub id; empty = tiny random Qwen2 (CPU demo)
     tokenizer: str = ""  # empty = the model's own, or the tiny byte tokenizer when there is no model
-    n: int = 8  # G: samples per prompt
-    temperature: float = 1.0  # 0 = greedy (evaluation)
-    top_p: float = 1.0
-    max_prompt_tokens: int = 16384
-    max_new_tokens: int = 4096
-    seed: int = 0
-    logprobs_mode: str = "raw"  # raw | processed (see the module docstring)
-    ignore_eos: bool = False  # stop only on explicit stop_token_ids (benchmarks)
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (hf: a copied policy keeps its dtype)
     rope_yarn_factor: float = 0.0  # >1 turns on YaRN: Qwen2.5 beyond 32K needs 4.0 (128K evaluation)
-    # hf engine
+    # -- sampling: the paper's GRPO rollouts are T=1, top-p 1, 4096 new tokens
+    n: int = 8  # G: samples per prompt
+    temperature: float = 1.0  # 0 = greedy (evaluation)
+    top_p: float = 1.0  # nucleus sampling; 1 = off: samples come from the distribution the trainer scores
+    max_prompt_tokens: int = 16384  # longer prompts are refused (paper: 16K); vllm's max_model_len adds max_new_tokens
+    max_new_tokens: int = 4096  # reply budget per sample (paper: 4096); finish_reason "length" when reached
+    seed: int = 0  # the engine's own stream when generate() gets no seed (hf: + rank; vllm: + TP group index)
+    logprobs_mode: str = "raw"  # raw | processed (see the module docstring)
+    ignore_eos: bool = False  # stop only on explicit stop_token_ids (benchmarks)
+    # -- engine
+    engine: str = "hf"  # hf (KV-cache loop: CPU, tests, fallback) | vllm (GPU, colocated with training)
+    # -- hf engine
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_batch_seqs: int = 64  # sequences decoded together (prompts x n)
     hf_copy: bool = True  # own an unsharded deepcopy; False = generate with the given (FSDP-sharded) module
     sync_steps: bool = False  # all ranks step until every rank is done; required with hf_copy=False under FSDP
-    # vllm engine
+    # -- vllm engine
     tp: int = 2  # tensor parallel inside a node (paper: 2-4); must divide the world size
     gpu_memory_utilization: float = 0.5  # share of the GPU for vLLM weights + KV cache, the rest is training's
     enable_prefix_caching: bool = True  # the n samples of a prompt share its 16K-token prefix
-    enable_chunked_prefill: bool = True
+    enable_chunked_prefill: bool = True  # long prefills go in chunks beside decode steps: bounded activation memory
     max_num_batched_tokens: int = 0  # 0 = vLLM's default
     max_num_seqs: int = 0  # 0 = vLLM's default
-    enable_sleep_mode: bool = True
+    enable_sleep_mode: bool = True  # sleep() frees vLLM's GPU memory for the training step; wake() restores it
     sleep_level: int = 1  # 1: weights to CPU RAM; 2: discard them (then update_weights must follow every sleep)
-    enforce_eager: bool = False
+    enforce_eager: bool = False  # True: no CUDA graphs (less memory, faster start, slower decoding)
+    # -- script
     prompts: str = ""  # script: questions separated by "|"
 
 
@@ -238,7 +242,8 @@ class HFEngine:
     """
 
     def __init__(self, cfg: Config, model: Any, tokenizer: Any):
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg = cfg
+        self.tokenizer = tokenizer
         self.device = resolve_device(cfg.device)
         if isinstance(model, str):
             model = load_hf_model(model, cfg, self.device)
@@ -286,23 +291,30 @@ class HFEngine:
     def _generate_batch(self, prompts, n, temperature, top_p, max_new, stops, gen) -> list[Completion]:
         dummy = not prompts  # this rank has no work left but must keep its forward calls in step with the others
         rows = prompts or [[self.pad_id]]
+        # 1) pad and prefill: left padding, so every row's next token is at the last column
         width = max(len(p) for p in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, p in enumerate(rows):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        logits, cache = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), None)
-        if n > 1:  # the n samples share the prompt's prefill
-            logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        ids = ids.to(self.device)
+        mask = mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row counts from its first real token
+        logits, cache = self._forward(ids, mask, positions, None)
+        # 2) repeat the cache: the n samples of a prompt share its one prefill
+        if n > 1:
+            logits = logits.repeat_interleave(n, 0)
+            mask = mask.repeat_interleave(n, 0)
             cache.batch_repeat_interleave(n)
         B = logits.shape[0]
         next_pos = mask.sum(-1, keepdim=True)
-        tokens, logps = [[] for _ in range(B)], [[] for _ in range(B)]
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        logps: list[list[float]] = [[] for _ in range(B)]
         reasons: list[str | None] = ["length" if dummy or max_new <= 0 else None] * B
         active = list(range(B))  # rows still in the batch (indices into tokens/logps/reasons)
         while True:
+            # 3) decode and stop: sample a token per row, record it, stop on a stop token or at max_new
             feed = torch.full((len(active),), self.pad_id, dtype=torch.long, device=self.device)
             if not all(reasons):
                 feed, lp = sample_next(logits, temperature, top_p, gen, self.cfg.logprobs_mode)
@@ -311,14 +323,19 @@ class HFEngine:
                         tokens[b].append(t)
                         logps[b].append(l)
                         reasons[b] = "stop" if t in stops else "length" if len(tokens[b]) >= max_new else None
-            if not self._keep_stepping(all(reasons)):
+            if not self._keep_stepping(all(reasons)):  # with sync_steps: until every rank is done
                 break
+            # 4) drop finished rows once they are half the batch (cheaper steps; reordering the cache costs a copy)
             keep = [j for j, b in enumerate(active) if reasons[b] is None]
-            if keep and len(keep) <= len(active) // 2:  # drop finished rows once they are half the batch
+            if keep and len(keep) <= len(active) // 2:
                 idx = torch.tensor(keep, device=self.device)
                 cache.reorder_cache(idx)
-                mask, next_pos, feed, active = mask[idx], next_pos[idx], feed[idx], [active[j] for j in keep]
-                gen = gen if not isinstance(gen, list) else [gen[j] for j in keep]
+                mask = mask[idx]
+                next_pos = next_pos[idx]
+                feed = feed[idx]
+                active = [active[j] for j in keep]
+                if isinstance(gen, list):  # per-row generators follow their rows
+                    gen = [gen[j] for j in keep]
             # rows that finished since keep decoding until dropped; their outputs are ignored
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             logits, cache = self._forward(feed[:, None], mask, next_pos, cache)
@@ -404,7 +421,8 @@ class VLLMEngine:
         path = model if isinstance(model, str) else getattr(model, "name_or_path", "")
         if not path:
             raise ValueError("the vLLM engine loads from a path: pass one, or save_pretrained the policy first")
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg = cfg
+        self.tokenizer = tokenizer
         if not dist.is_initialized():  # a lone process: give vLLM the variables torchrun would set
             for key, val in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                              ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
@@ -437,7 +455,8 @@ class VLLMEngine:
         if cfg.max_num_seqs:
             kw["max_num_seqs"] = cfg.max_num_seqs
         self.llm = LLM(model=path, **kw)
-        self.asleep, self.weights_lost = False, False
+        self.asleep = False  # sleep() was called and no wake since
+        self.weights_lost = False  # a level-2 sleep discarded the weights: only update_weights can wake
 
     def generate(self, prompt_token_ids: list[list[int]], n: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, max_new_tokens: int | None = None,
@@ -450,7 +469,8 @@ class VLLMEngine:
         local = [[int(t) for t in p] for p in prompt_token_ids]
         n, temperature, top_p, max_new = _sampling_args(self.cfg, local, n, temperature, top_p, max_new_tokens)
         seeds = None if seed is None or isinstance(seed, int) else prompt_seeds(seed, len(local), n)
-        pairs, start = list(zip(local, seeds or [None] * len(local))), 0
+        pairs = list(zip(local, seeds or [None] * len(local)))
+        start = 0  # this rank's first prompt among the group's
         if self.group is not None:
             parts: list[Any] = [None] * self.cfg.tp
             dist.all_gather_object(parts, pairs, group=self.group)
@@ -471,25 +491,31 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Wake weights -> push one tensor at a time -> wake KV cache -> reset prefix cache."""
+        # 1) wake the weights only: the KV cache stays unmapped while the gathered tensors pass through the GPU
         if self.asleep:
             torch.cuda.empty_cache()  # hand training's cached blocks back before vLLM re-maps its weights
             self.llm.wake_up(tags=["weights"])
+        # 2) push every tensor through the model's own load_weights (it shards for TP)
         count = 0
         for name, tensor in named_tensors:
             # apply_model runs in this process under external_launcher (vllm/v1/executor/uniproc_executor.py)
             full = full_tensor(tensor).detach()
             self.llm.apply_model(lambda model: model.load_weights([(hf_name(name), full)]))
             count += 1
+        # 3) wake the KV cache
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
+        # 4) reset the prefix cache: its prefixes were computed by the old weights
         self.llm.reset_prefix_cache()
-        self.asleep, self.weights_lost = False, False
+        self.asleep = False
+        self.weights_lost = False
         return count
 
     def sleep(self) -> None:
         if self.cfg.enable_sleep_mode and not self.asleep:
             self.llm.sleep(level=self.cfg.sleep_level)
-            self.asleep, self.weights_lost = True, self.cfg.sleep_level >= 2
+            self.asleep = True
+            self.weights_lost = self.cfg.sleep_level >= 2
 
     def wake(self) -> None:
         """Restore without a push (evaluation between steps); after level-2 sleep only update_weights can."""
@@ -497,9 +523,9 @@ class VLLMEngine:
             return
         if self.weights_lost:
             raise RuntimeError("sleep_level=2 discarded the weights: call update_weights() to wake the engine")
-        torch.cuda.empty_cache()
-        self.llm.wake_up()
-        self.llm.reset_prefix_cache()
+        torch.cuda.empty_cache()  # hand training's cached blocks back first
+        self.llm.wake_up()  # weights and KV cache
+        self.llm.reset_prefix_cache()  # sleep discarded the KV cache: its cached prefixes are gone
         self.asleep = False
 
 
