@@ -18,6 +18,7 @@ train.sh runs these around grpo.py. A run directory shows what happened:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -39,47 +40,49 @@ STAGES = {"warmup": ("qa", "ruler", "math"),  # no KeyChain yet
 
 @dataclass
 class Config:
+    # -- run
     command: str = "prepare"  # check | filter | prepare | format | mine | summary
-    preset: str = "tiny"
-    run_dir: str = ""  # default runs/<preset>
+    preset: str = "tiny"  # train.sh's preset: tiny and gpu1 generate their own raw data
+    run_dir: str = ""  # the run directory every stage writes under (default runs/<preset>)
     tokenizer: str = ""  # the policy's tokenizer (empty: the tiny byte tokenizer)
     model: str = ""  # check: the model to validate; mine: the Stage I checkpoint
+    seed: int = 0  # data synthesis, the stage shuffles and the mining samples
+    # -- data: the mixture of paper section 3 (MIX above), synthesized by keychain.py
     scale: float = 1.0  # multiplies every MIX size (tiny: 0.002)
-    max_tokens: int = 16384
-    key_style: str = "uuid"
-    seed: int = 0
-    # raw files (train.sh fills them from HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA, HAYSTACK)
-    hotpotqa: str = ""
-    twowiki: str = ""
-    musique: str = ""
-    dapo: str = ""
-    mathqa: str = ""
+    max_tokens: int = 16384  # L: the documents of a KeyChain / QA / RULER row (paper: 16K)
+    key_style: str = "uuid"  # uuid (the released data) | short (8 hex: the tiny preset's short prompts)
+    hotpotqa: str = ""  # raw files: train.sh fills them from HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA, HAYSTACK
+    twowiki: str = ""  # 2WikiMultihopQA train json
+    musique: str = ""  # MuSiQue-Ans train jsonl
+    dapo: str = ""  # DAPO-Math-17k parquet
+    mathqa: str = ""  # MathQA train json (multiple choice)
     haystack: str = ""  # a book for the RULER needles; empty = the synthetic haystack
     released: str = ""  # the authors' released set (a folder of verl parquet files, or one file): its rows, no synthesis
     released_cut: bool = False  # drop released rows over max_tokens (default: keep every row, as the authors trained)
-    # difficulty filter (paper 2.2): G answers per raw QA item on its own short context, keep lo..hi correct
+    # -- difficulty filter (paper 2.2): G answers per raw QA item on its own short context, keep lo..hi correct
     filter_model: str = ""  # the strong model (paper: Qwen2.5-32B-Instruct); empty = no filter (tiny)
     filter_counts: str = ""  # an existing counts file (JSONL {id: "source/item id", n, k}) instead of sampling
-    filter_group: int = 8
-    filter_temperature: float = 1.0
-    filter_new_tokens: int = 2048
+    filter_group: int = 8  # answers per item (the authors' filter: 8)
+    filter_temperature: float = 1.0  # sampling, not greedy: the count estimates how often the item is solved
+    filter_new_tokens: int = 2048  # the filter prompt asks for step-by-step thinking before "The answer is"
     filter_lo: int = 1  # keep items solved lo..hi of G: neither trivial nor hopeless
-    filter_hi: int = 6
+    filter_hi: int = 6  # (paper: 1..6 of 8)
     filter_tp: int = 0  # tensor parallel for the filter model (0 = --tp)
     filter_max_prompt: int = 8192  # raw items' own contexts are short; longer ones get no count (filtered out)
-    nproc: int = 0  # check: GPUs needed on this node (0 = CPU run)
-    # hard mining
+    # -- hard mining (paper: Stage II trains on the Stage I items not solved every time)
     mine_mode: str = "sample"  # sample: G fresh samples per item | rollouts: Stage I's own rollouts
-    group: int = 8
-    temperature: float = 0.6
-    max_new_tokens: int = 4096
+    group: int = 8  # G samples per item (the authors: 8); an item solved G/G is dropped
+    temperature: float = 0.6  # the authors' hard mining samples at 0.6 (training: 1.0)
+    max_new_tokens: int = 4096  # the authors: 4096, the training reply budget (a cut reply scores 0)
     engine: str = "auto"  # rollout engine for sampling (auto: vllm on GPU when installed)
-    tp: int = 1
+    tp: int = 1  # vLLM tensor parallel size for the sampling model
     batch: int = 64  # prompts per generate call
-    node_rank: int = 0  # check: nodes other than 0 need no raw files
-    # format warm-up of the tiny preset's random model (supervised, before the warmup stage)
+    # -- format warm-up: the tiny preset's random model, supervised, before the warmup stage
     format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
-    format_lr: float = 3e-3
+    format_lr: float = 6e-3  # high for a random 2-layer model: the format must be learned in seconds
+    # -- check
+    nproc: int = 0  # check: GPUs needed on this node (0 = CPU run)
+    node_rank: int = 0  # check: nodes other than 0 need no raw files
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -90,7 +93,7 @@ def raw_paths(cfg: Config, run: Path) -> dict[str, str]:
         names = {"hotpotqa": "hotpotqa.json", "2wiki": "2wiki.json", "musique": "musique.jsonl",
                  "dapo": "dapo.jsonl", "mathqa": "mathqa.json"}
         if not all((raw / f).exists() for f in names.values()):
-            keychain.generate_raw(str(raw), n=120, seed=cfg.seed)
+            keychain.generate_raw(str(raw), n=120, seed=cfg.seed, countries=2 if cfg.preset == "tiny" else 0)
         return {**{k: str(raw / f) for k, f in names.items()}, "haystack": ""}
     return {"hotpotqa": cfg.hotpotqa, "2wiki": cfg.twowiki, "musique": cfg.musique, "dapo": cfg.dapo,
             "mathqa": cfg.mathqa, "haystack": cfg.haystack}
@@ -154,6 +157,34 @@ def filtered_inputs(cfg: Config, run: Path, raw: dict[str, str]) -> dict[str, st
     return out
 
 
+def guessable(items: list[dict]) -> list[dict]:
+    """The yes/no questions ("Were A and B born in the same country?"): in a world of two countries about half
+    are yes, so a model that can only guess is right about half the time."""
+    return [it for it in items if it["answers"][0].lower() in ("yes", "no")]
+
+
+def near_docs(item: dict) -> dict:
+    """The item with only the documents its question names and the ones those name (for a yes/no question:
+    the two people, then their cities): the context filler adds random documents around them up to L."""
+    named = [d for d in item["docs"] if d.split("\n")[0] in item["question"]]
+    more = [d for d in item["docs"] if d not in named and any(d.split("\n")[0] in n for n in named)]
+    return {**item, "docs": named + more}
+
+
+def guessable_inputs(run: Path, raw: dict[str, str]) -> dict[str, str]:
+    """The tiny preset's stand-in for the difficulty filter (which keeps what the filter model solves 1..6 of 8):
+    its QA sources keep the guessable items, so GRPO sees groups with unequal rewards in every stage, each with
+    its near documents only, so that L=4096 holds it (MuSiQue's 20 paragraphs would not fit)."""
+    out = dict(raw)
+    for src in QA_SOURCES:
+        items, _ = keychain.load_items(raw[src], source=src)
+        kept = [near_docs(it) for it in guessable(items)]
+        print(f"tiny: {src}: kept the {len(kept)} yes/no questions of {len(items)} items")
+        out[src] = str(run / "data" / "filter" / f"{src}.jsonl")
+        keychain.write_rows(out[src], kept)
+    return out
+
+
 def prepare(cfg: Config, run: Path) -> dict[str, Path]:
     """Build every part and the stage mixes under run/data, or reuse them when the manifest is unchanged."""
     data = run / "data"
@@ -179,6 +210,8 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
     else:
         if cfg.filter_model or cfg.filter_counts:
             raw = filtered_inputs(cfg, run, raw)
+        elif cfg.preset == "tiny":
+            raw = guessable_inputs(run, raw)
         parts = synth_parts(cfg, tok, raw, data)
     for stage, names in STAGES.items():
         mix = [r for p in names for r in parts.get(p, [])]
@@ -227,18 +260,18 @@ def released_parts(cfg: Config, tok) -> dict[str, list[dict]]:
 
 # ----------------------------------------------------------------------------- tiny format warm-up
 def format_rows(cfg: Config, run: Path, tok) -> list[dict]:
-    """Easy items whose answer comes from a small set, from a second generated world (not the training items):
-    yes/no comparison questions on short contexts and MathQA multiple choice (a letter A-E)."""
+    """The yes/no questions of a second generated world (not the training items) as QA and KeyChain rows at half
+    the stages' length, plus MathQA multiple choice (a letter A-E)."""
     work = run / "format"
-    raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 1)
-    items = [it for src in QA_SOURCES for it in keychain.load_items(raw[src])[0] if it["answers"][0] in ("yes", "no")]
-    for it in items:  # short contexts: the documents of the two people and of the cities they point to
-        first = [d for d in it["docs"] if d.split("\n")[0] in it["question"]]
-        it["docs"] = first + [d for d in it["docs"] if d not in first and any(d.split("\n")[0] in f for f in first)]
-    keychain.write_rows(work / "raw" / "yes_no.jsonl", items)
-    base = keychain.Config(kind="qa", max_tokens=2048, key_style=cfg.key_style, seed=cfg.seed + 1)
-    rows = keychain.synth(dataclasses.replace(base, input=str(work / "raw" / "yes_no.jsonl"), format="items"), tok)[0]
-    return rows + keychain.synth(dataclasses.replace(base, input=raw["mathqa"]), tok)[0]
+    raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 1, countries=2)
+    items = [near_docs(it) for it in guessable(keychain.load_items(raw["hotpotqa"])[0])]
+    keychain.write_rows(work / "raw" / "guessable.jsonl", items)
+    base = keychain.Config(input=str(work / "raw" / "guessable.jsonl"), format="items", max_tokens=cfg.max_tokens // 2,
+                           key_style=cfg.key_style, seed=cfg.seed + 1)
+    rows = []
+    for kind in ("qa", "keychain"):
+        rows += keychain.synth(dataclasses.replace(base, kind=kind), tok)[0]
+    return rows + keychain.synth(dataclasses.replace(base, input=raw["mathqa"], format="auto"), tok)[0]
 
 
 def format_warmup(cfg: Config, run: Path) -> None:

@@ -544,10 +544,10 @@ def _name(rng: random.Random, used: set, parts: int) -> str:
             return n
 
 
-def _world(rng: random.Random, n: int) -> dict:
+def _world(rng: random.Random, n: int, countries: int = 0) -> dict:
     used: set = set()
     # big enough that even a small dataset's pool fills a 16K-token context with distinct documents
-    W: dict = {"country": [_name(rng, used, 1) for _ in range(max(16, n // 40))]}
+    W: dict = {"country": [_name(rng, used, 1) for _ in range(countries or max(16, n // 40))]}
     wide = lambda k: 1 if k <= 5000 else 2  # one-word names run out (27,900 of them) in a 90,000-item world  # noqa: E731
     W["city"] = [_name(rng, used, wide(n // 4)) + " City" for _ in range(max(60, n // 4))]
     W["person"] = [_name(rng, used, 2) for _ in range(max(200, n))]
@@ -610,10 +610,12 @@ def _question(W: dict, rng: random.Random) -> tuple[str, str, list[str], str, li
             [a, b, W["born_in"][a], W["born_in"][b]], "comparison", [f"Where was {a} born?", f"Where was {b} born?"])
 
 
-def generate_raw(out_dir: str, n: int = 200, seed: int = 0) -> dict[str, str]:
-    """Write hotpotqa.json, 2wiki.json, musique.jsonl, dapo.jsonl and mathqa.json; return their paths."""
+def generate_raw(out_dir: str, n: int = 200, seed: int = 0, countries: int = 0) -> dict[str, str]:
+    """Write hotpotqa.json, 2wiki.json, musique.jsonl, dapo.jsonl and mathqa.json; return their paths.
+    countries: the world's number of countries (0 = max(16, n / 40)); a few make the country and same-country
+    questions guessable (the tiny preset)."""
     rng = random.Random(seed)
-    W = _world(rng, n)
+    W = _world(rng, n, countries)
     ents = W["country"] + W["city"] + W["person"] + W["company"] + W["film"]
     paras = {e: _paragraph(W, e, rng) for e in ents}
     hotpot, wiki, musique = [], [], []

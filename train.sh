@@ -34,10 +34,10 @@ int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$
 case "$PRESET" in
   tiny)
     MODEL=${MODEL:-tiny}; NNODES=1; NPROC=${NPROC_PER_NODE:-2}; GPUS=0
-    DATA="--scale=0.002 --max_tokens=8192 --key_style=short"
-    RL="--device=cpu --batch_prompts=4 --group=8 --max_new_tokens=24 --lr=1e-4 --micro_tokens=20000 --save_every=2 --engine=hf"
+    DATA="--scale=0.002 --max_tokens=4096 --key_style=short"
+    RL="--device=cpu --batch_prompts=4 --group=8 --max_new_tokens=32 --lr=1e-4 --micro_tokens=20000 --save_every=2 --engine=hf"
     STEPS_WARMUP="--steps=3"; STEPS_1="--steps=4"; STEPS_2="--steps=3"
-    MINE="--group=4 --max_new_tokens=24 --engine=hf --batch=8"
+    MINE="--group=4 --max_new_tokens=32 --engine=hf --batch=8"
     EVAL="--engine=hf --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=1 --niah_depths=3 --niah_samples=1 --max_new_tokens=8"
     ;;
   gpu1)
