@@ -26,7 +26,7 @@ def test_mixture_sizes_follow_the_paper_and_scale():
 
 
 def tiny_cfg(run, **kw):
-    return cur.Config(preset="tiny", run_dir=str(run), scale=0.002, max_tokens=8192, key_style="short", **kw)
+    return cur.Config(**{"preset": "tiny", "run_dir": str(run), "scale": 0.002, "max_tokens": 8192, "key_style": "short", **kw})
 
 
 def test_prepare_builds_the_stage_mixes_and_reuses_them(tmp_path, capsys):
@@ -48,6 +48,28 @@ def test_prepare_builds_the_stage_mixes_and_reuses_them(tmp_path, capsys):
     assert stamp == {p.name: p.stat().st_mtime_ns for p in (run / "data").glob("*.jsonl")}
     cur.prepare(tiny_cfg(run, seed=1), run)  # another setting: rebuilt
     assert kc.read_rows(run / "data" / "stage1.jsonl") != s1
+
+
+def test_tiny_trains_on_balanced_yes_no_questions_at_4096(tmp_path):
+    run = tmp_path / "run"
+    s1 = kc.read_rows(cur.prepare(tiny_cfg(run, max_tokens=4096), run)["stage1"])
+    qa = [r for r in s1 if r["kind"] in ("qa", "keychain")]
+    assert len(qa) == 30 and {r["answers"][0] for r in qa} == {"yes", "no"}
+    yes = sum(r["answers"][0] == "yes" for r in qa)
+    assert 10 <= yes <= 20, yes  # two countries: "born in the same country?" is a coin flip, not a constant
+    assert all(r["num_tokens"] <= 4096 for r in qa if r["kind"] == "qa")  # MuSiQue too: near documents only
+    for src in cur.QA_SOURCES:  # every kept item, not just the drawn ones
+        items = kc.read_rows(run / "data" / "filter" / f"{src}.jsonl")
+        assert items and all(it["answers"][0] in ("yes", "no") and len(it["docs"]) == 4 for it in items), src
+
+
+def test_near_docs_keeps_what_the_question_names_and_what_those_name():
+    item = {"question": "Were Ann Lee and Bo Kim born in the same country?", "answers": ["no"],
+            "docs": ["Zed\nZed is a country.", "Bo Kim\nBo Kim was born in Ulm City.", "Ulm City\nUlm City is in Zed.",
+                     "Cy Orr\nCy Orr was born in Ulm City.", "Ann Lee\nAnn Lee was born in Rho City.",
+                     "Rho City\nRho City is in Vor."]}
+    assert [d.split("\n")[0] for d in cur.near_docs(item)["docs"]] == ["Bo Kim", "Ann Lee", "Ulm City", "Rho City"]
+    assert len(item["docs"]) == 6  # the input item is left as it was
 
 
 def test_mining_on_hand_made_counts():
@@ -125,10 +147,8 @@ def test_kill_in_stage_one_then_rerun_resumes(tmp_path):
     assert "format warm-up: done, skipping" in out
     for stage in ("warmup", "stage1", "stage2"):
         log = [json.loads(x) for x in (run / stage / "log.jsonl").read_text().splitlines()]
-        # the format warm-up gives GRPO unequal rewards to learn from; Stage II's mined items (mostly names no
-        # tiny model can guess) still give it none: issue 14 stays open for that
-        if stage != "stage2":
-            assert sum(x["optimizer_steps"] for x in log) > 0, stage
+        # the format warm-up and the guessable yes/no items give GRPO unequal rewards in every stage
+        assert sum(x["optimizer_steps"] for x in log) > 0, stage
         assert [r["step"] for r in kc.read_rows(run / stage / "rollouts" / "step_000001.jsonl")][0] == 1
     summary = (run / "summary.md").read_text()
     assert "| stage1 | 42 | 4 |" in summary and "solved 0/G" in summary and (run / "stage2" / "hf").exists()
