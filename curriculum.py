@@ -187,6 +187,7 @@ def guessable_inputs(run: Path, raw: dict[str, str]) -> dict[str, str]:
 
 def prepare(cfg: Config, run: Path) -> dict[str, Path]:
     """Build every part and the stage mixes under run/data, or reuse them when the manifest is unchanged."""
+    # 1) the inputs exist: the released rows, or the raw files (and the filter's counts when it is on)
     data = run / "data"
     raw = raw_paths(cfg, run)
     if cfg.released:
@@ -198,12 +199,14 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
                              + "\n  ".join(missing))
         if (cfg.filter_model or cfg.filter_counts) and not counts_path(cfg, run).exists():
             raise SystemExit(f"no pass counts at {counts_path(cfg, run)}: run `curriculum.py filter` first or set FILTER_COUNTS")
+    # 2) reuse: same settings, raw files and code -> the same data
     man = manifest(cfg, raw, run)
     stages = {s: data / f"{s}.jsonl" for s in STAGES}
     man_path = data / "manifest.json"
     if man_path.exists() and json.loads(man_path.read_text()) == man and all(p.exists() for p in stages.values()):
         print(f"data: reusing {data} (same settings)")
         return stages
+    # 3) the parts: released rows, or (filtered) raw items synthesized by keychain.py
     tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(data / "tiny-tokenizer"))
     if cfg.released:
         parts = released_parts(cfg, tok)
@@ -213,6 +216,7 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
         elif cfg.preset == "tiny":
             raw = guessable_inputs(run, raw)
         parts = synth_parts(cfg, tok, raw, data)
+    # 4) each stage's mix, shuffled once; the manifest last, so a crash before it rebuilds
     for stage, names in STAGES.items():
         mix = [r for p in names for r in parts.get(p, [])]
         random.Random(f"{cfg.seed}/{stage}").shuffle(mix)
@@ -284,6 +288,7 @@ def format_warmup(cfg: Config, run: Path) -> None:
     import grpo
     import rollout
 
+    # 1) target completions: the prefill's <think> closed at once, then the gold in a box
     tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(run / "data" / "tiny-tokenizer"))
     seqs = []
     for r in format_rows(cfg, run, tok):
@@ -291,6 +296,7 @@ def format_warmup(cfg: Config, run: Path) -> None:
         target = f" </think>\\boxed{{{r['answers'][0]}}}"  # the prefill already opened <think>
         completion = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append({"prompt": prompt, "completion": completion})
+    # 2) supervised steps on the completion tokens only
     lm = rollout.tiny_model(len(tok), cfg.seed).train()
     policy = grpo.Policy(lm)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.format_lr)
@@ -307,6 +313,7 @@ def format_warmup(cfg: Config, run: Path) -> None:
         sched.step()
         if step == 1 or step % 20 == 0:
             print(f"format warm-up: step {step}/{cfg.format_steps} loss {loss.item():.3f}", flush=True)
+    # 3) the model for the warmup stage, written to a temporary folder and renamed
     out = run / "format" / "hf"
     tmp = out.with_name("hf.tmp")
     lm.save_pretrained(str(tmp))
@@ -358,6 +365,7 @@ def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: 
     import grpo
     import rollout
 
+    # 1) ranks, and the jobs no rank has counted yet (a resumed run skips them)
     rank, world, device = grpo.init_distributed(grpo.Config(device="auto"))
     if rank:  # one "Loading weights" bar on the console, not one per rank
         from transformers.utils import logging as hf_logging
@@ -373,12 +381,15 @@ def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: 
                     for _, rec in keychain.read_records(f)}
     done = read()
     mine = [j for j in jobs if j["id"] not in done][rank::world]
+    # 2) the engine: vLLM on GPU, the HF engine on CPU
     tok = keychain.load_tokenizer(tokenizer)
     kind = grpo.engine_kind(cfg.engine, device)
     rcfg = rollout.Config(engine=kind, n=group, temperature=temperature, max_new_tokens=max_new_tokens,
                           max_prompt_tokens=max_prompt, device=str(device), tp=tp, seed=cfg.seed)
     engine = rollout.make_engine(rcfg, model, tok)
-    part, too_long = out / f"counts.rank{rank}.jsonl", 0
+    # 3) sample, score, append one line per job as soon as its batch is done
+    part = out / f"counts.rank{rank}.jsonl"
+    too_long = 0
     # the same number of generate calls on every rank: vLLM's tensor-parallel groups gather inside each call
     calls = int(grpo.all_max((len(mine) + cfg.batch - 1) // cfg.batch, device))
     for s in tqdm(range(0, calls * cfg.batch, cfg.batch), desc=f"pass counts ({group} per item)", disable=rank != 0):
@@ -619,10 +630,13 @@ def summary(run: Path) -> str:
         raise SystemExit(f"error: run dir {run} does not exist")
     lines = [f"# {run}", "", "| stage | rows | steps | reward first 3 | reward last 3 | optimizer steps | "
              "dropped groups | done |", "|---|---|---|---|---|---|---|---|"]
-    logs, notes = {}, []
+    logs: dict = {}
+    notes: list[str] = []
     mean = lambda xs: f"{sum(xs) / len(xs):.3f}" if xs else "-"  # noqa: E731
+    # 1) one table row per stage from its data file and log.jsonl (the last record of a step counts)
     for stage in STAGE_NAMES:
-        data, log = run / "data" / f"{stage}.jsonl", run / stage / "log.jsonl"
+        data = run / "data" / f"{stage}.jsonl"
+        log = run / stage / "log.jsonl"
         n = sum(1 for _ in open(data)) if data.exists() else 0
         steps, bad = read_log(log) if log.exists() else ({}, [])
         if bad:
@@ -639,6 +653,7 @@ def summary(run: Path) -> str:
                      f"{'yes' if (run / stage / 'hf').exists() else 'no'} |")
     lines += ["", "optimizer steps: AdamW updates (0 when every group of every step had equal rewards); dropped "
               "groups: prompts whose G rewards were all equal, of all prompts drawn."]
+    # 2) the mining pass counts, line by line: a torn line is named, not fatal
     counts: dict[str, tuple[int, int]] = {}
     cpath = run / "mining" / "counts.jsonl"
     if cpath.exists():
@@ -649,6 +664,7 @@ def summary(run: Path) -> str:
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 if line.strip():
                     notes.append(f"{cpath}: skipped line {n} (not an id, n, k record)")
+    # 3) plots (matplotlib is optional), the mining report, the evaluation's results.md
     plots = []
     try:
         if logs:
@@ -673,6 +689,7 @@ def summary(run: Path) -> str:
     ev = run / "eval" / "results.md"
     if ev.exists():
         lines += ["", "Evaluation:", "", ev.read_text().strip()]
+    # 4) what could not be read, on the page and on stderr; the page itself written by tmp-and-rename
     if notes:
         lines += ["", "Skipped while reading:", "", *[f"- {x}" for x in notes]]
         for x in notes:
