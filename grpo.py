@@ -5,10 +5,10 @@ the GRPO recipe; the authors' verl fork).
         --engine=hf --steps=2 --batch_prompts=4 --group=4 --max_new_tokens=24   # CPU; data from `bash train.sh tiny`
     torchrun --nproc_per_node=8 grpo.py --data=train.jsonl --model=Qwen/Qwen2.5-7B-Instruct --out_dir=runs/s1
 
-One step: next B prompts (sharded over ranks) -> G completions each (rollout.py) -> rewards (reward.py) ->
-group-normalized advantages, equal-reward groups dropped -> old / reference log-probs -> clipped surrogate +
-k3 KL on packed sequences, log-probs only at completion positions and in chunks -> AdamW -> push weights to
-the engine -> log, checkpoint. FSDP2 (`fully_shard` per decoder layer, then the root) on plain
+One step of `train`'s loop: 1) the next B prompts (sharded over ranks) -> G completions each (rollout.py) ->
+rewards (reward.py); 2) group-normalized advantages, equal-reward groups dropped; 3) old / reference log-probs;
+4) clipped surrogate + k3 KL on packed sequences, log-probs only at completion positions and in chunks -> AdamW;
+5) push weights to the engine, log, checkpoint. FSDP2 (`fully_shard` per decoder layer, then the root) on plain
 torch.distributed: NCCL + bf16 + flash-attn on GPU, gloo + fp32 + SDPA on CPU.
 """
 from __future__ import annotations
@@ -40,53 +40,63 @@ import rollout
 # ----------------------------------------------------------------------------- config
 @dataclass
 class Config:
+    # -- data
     data: str = ""  # rows .jsonl/.parquet from keychain.py
+    max_prompt_tokens: int = 16384  # the paper's 16K context; longer rows are left out (over 2% of them: stop)
+    batch_prompts: int = 256  # B: prompts per rollout batch, over all ranks
+    steps: int = 0  # optimizer-side steps (rollout batches); 0 = epochs x (rows / batch_prompts)
+    epochs: int = 1  # passes over the rows when --steps=0, each in its own seeded order
+    seed: int = 0  # data order, rollout seeds, mini-batch order and the tiny model's weights
+    # -- model
     model: str = "Qwen/Qwen2.5-7B-Instruct"  # HF path or hub id; "tiny" = random tiny Qwen2 (CPU tests, demo)
     tokenizer: str = ""  # empty: the model's own (tiny: the byte tokenizer)
-    out_dir: str = "runs/grpo"
-    steps: int = 0  # optimizer-side steps (rollout batches); 0 = epochs x (rows / batch_prompts)
-    epochs: int = 1
-    batch_prompts: int = 256  # B: prompts per rollout batch, over all ranks
+    # -- sampling: the paper's rollouts (arXiv 2510.19363, training setup)
     group: int = 8  # G: completions per prompt
-    max_prompt_tokens: int = 16384
-    max_new_tokens: int = 4096
-    temperature: float = 1.0
-    top_p: float = 1.0
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.001  # k3 KL to the frozen reference, as a loss term; 0 = no reference model
-    entropy_coef: float = 0.0
-    grad_clip: float = 1.0
+    max_new_tokens: int = 4096  # the paper's output budget; a completion cut at it scores 0 (reward.py)
+    temperature: float = 1.0  # the paper's T = 1: samples from the policy itself (--tis_cap needs it)
+    top_p: float = 1.0  # no nucleus cut, as in the authors' code (--tis_cap needs 1.0 too)
+    # -- reward
+    qa_metric: str = "sub_em"  # QA match (reward.py): two-way substring, what the paper's final runs used
+    qa_rule: str = "guarded"  # guarded (reward.py's anti-hacking guards) | public (the authors' one-way rule)
+    # -- loss: GRPO as in the authors' code
     adv_std: bool = True  # divide by the group std (GRPO); False = Dr.GRPO
     drop_equal_groups: bool = True  # all-equal rewards carry no signal
+    clip_low: float = 0.2  # ratio clipped below at 1 - clip_low: 0.2 in the authors' code
+    clip_high: float = 0.2  # ratio clipped above at 1 + clip_high: 0.2 there too (DAPO's clip-higher raises it)
+    kl_coef: float = 0.001  # k3 KL to the frozen reference, as a loss term (the paper's 0.001); 0 = no reference model
+    entropy_coef: float = 0.0  # entropy bonus: 0 in the paper's final runs
+    tis_cap: float = 0.0  # > 0: truncated importance weights min(p_train / p_engine, cap) on the surrogate
+    # -- optimizer
+    lr: float = 1e-6  # the paper's learning rate, constant, no warmup
+    weight_decay: float = 0.01  # AdamW's decoupled decay at torch's default
+    grad_clip: float = 1.0  # max global gradient norm, as in the authors' code
     mini_batches: int = 1  # optimizer steps per rollout batch
     ppo_epochs: int = 1  # passes over the rollout batch
-    tis_cap: float = 0.0  # > 0: truncated importance weights min(p_train / p_engine, cap) on the surrogate
+    # -- memory
     micro_tokens: int = 24576  # packed tokens per micro-batch per rank (a budget, not a count)
     logit_chunk: int = 512  # completion positions whose logits exist at once (CPU: 512 beats naive, 128 is 1.4x it)
     grad_ckpt: bool = True  # non-reentrant activation checkpointing of the decoder layers
     offload: bool = False  # FSDP2 CPU offload of the policy's parameters, gradients and optimizer
     ref_offload: bool = True  # CPU offload of the reference model (GPU)
+    grad_sync_last: bool = True  # reduce-scatter once per mini-batch, after its last micro-batch: each rank then
+    # holds unsharded fp32 gradients (4 B x parameters: 30 GB at 7B) until it; false: after every micro-batch
+    meta_load: bool = True  # with --engine=vllm: build on the meta device, rank 0 loads and broadcasts the shards
+    # -- engine
     engine: str = "auto"  # auto (vllm on GPU when installed, else hf) | hf | vllm
-    tp: int = 2  # vllm tensor parallel size
-    gpu_memory_utilization: float = 0.5
-    qa_metric: str = "sub_em"
-    qa_rule: str = "guarded"  # guarded (reward.py's anti-hacking guards) | public (the authors' one-way rule)
+    tp: int = 2  # vLLM tensor parallel size (the authors' rollouts: 2-4); must divide the world size
+    gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU (weights + KV cache); the rest is training's
+    device: str = "auto"  # auto | cpu | cuda
+    timeout_hours: float = 3.0  # collective timeout
+    # -- checkpoints and logging
+    out_dir: str = "runs/grpo"  # ckpt/, hf/ (the final policy), log.jsonl, mining.jsonl, rollouts/
     save_every: int = 10  # steps between checkpoints (0 = only at the end)
     keep: int = 2  # checkpoints kept
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
     export: bool = True  # Hugging Face folder of the final policy in out_dir/hf
     log_samples: int = 4  # rollouts per step written to out_dir/rollouts/
     wandb: str = ""  # project name; offline mode without WANDB_API_KEY
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    stop_after: int = 0  # tests: exit after this many steps of this process (a crash after a checkpoint)
-    timeout_hours: float = 3.0  # collective timeout
-    grad_sync_last: bool = True  # reduce-scatter once per mini-batch, after its last micro-batch: each rank then
-    # holds unsharded fp32 gradients (4 B x parameters: 30 GB at 7B) until it; false: after every micro-batch
-    meta_load: bool = True  # with --engine=vllm: build on the meta device, rank 0 loads and broadcasts the shards
+    # -- tests
+    stop_after: int = 0  # exit after this many steps of this process (a crash after a checkpoint)
 
 
 # ----------------------------------------------------------------------------- loss pieces (plain functions)
@@ -105,7 +115,8 @@ def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def policy_loss(logp, old, adv, clip_low, clip_high, is_weight=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate -min(r A, clip(r) A) and whether the clip was active."""
     ratio = (logp - old).exp()
-    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
     if is_weight is not None:
         loss = loss * is_weight
@@ -121,10 +132,13 @@ class FusedLogpLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, targets, chunk, loss_fn):
-        gh, gw = torch.empty_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        total, lps, ents = torch.zeros((), device=h.device), [], []
+        gh = torch.empty_like(h)  # gradients with respect to the hidden states and (fp32) lm_head
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        total = torch.zeros((), device=h.device)
+        lps, ents = [], []
         for s in range(0, len(targets), chunk):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
+            # 1) the chunk's logits, log-probs of its targets and entropies
             z = (hc @ w.T).float()  # two [chunk x vocab] buffers at most: z and e = exp(z) (then dz)
             z -= z.amax(-1, keepdim=True)  # softmax by hand: logsumexp would allocate a third buffer
             e = z.exp()  # p = e / Z: never normalized in a pass of its own
@@ -132,11 +146,13 @@ class FusedLogpLoss(torch.autograd.Function):
             log_z = Z.log()
             lp = z.gather(-1, tc[:, None])[:, 0] - log_z
             ent = log_z - torch.bmm(e[:, None], z[:, :, None])[:, 0, 0] / Z  # H = log Z - sum(e z) / Z, no temp
+            # 2) the per-token loss and its gradient with respect to each log-prob and entropy
             with torch.enable_grad():
                 lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
                 loss = loss_fn(lp_, ent_, slice(s, s + len(tc)))
                 g_lp, g_ent = torch.autograd.grad(loss, (lp_, ent_), allow_unused=True, materialize_grads=True)
-            # d logp_t / dz = onehot(t) - p ;  d entropy / dz = -p (log p + entropy); in place on z and e
+            # 3) back to the logits: d logp_t / dz = onehot(t) - p ;  d entropy / dz = -p (log p + entropy); in
+            # place on z and e
             if g_ent.any():
                 z.add_((ent - log_z)[:, None]).mul_(g_ent[:, None]).add_(g_lp[:, None])
                 dz = e.mul_(z).mul_(-1 / Z[:, None])
@@ -144,6 +160,7 @@ class FusedLogpLoss(torch.autograd.Function):
                 dz = e.mul_((-g_lp / Z)[:, None])
             del z
             dz[torch.arange(len(tc), device=dz.device), tc] += g_lp
+            # 4) on to the hidden states and lm_head
             gh[s:s + chunk] = (dz.to(w.dtype) @ w).to(h.dtype)
             gw.addmm_(dz.T, hc.float())
             del e, dz  # before the next chunk allocates its own
@@ -402,418 +419,283 @@ def all_max(x: float, device: torch.device) -> float:
     return all_sum(x, device, dist.ReduceOp.MAX)
 
 
-# ----------------------------------------------------------------------------- the trainer
-class Trainer:
-    """State of one stage: policy, reference, optimizer, engine, data order and step. `run()` trains."""
 
-    def __init__(self, cfg: Config, reward_fn: Callable | None = None):
-        self.cfg = cfg
-        rows = check_inputs(cfg)  # before anything is created: bad input leaves no folder behind
-        self.rank, self.world, self.device = init_distributed(cfg)
-        if self.rank:  # one "Loading weights" bar on the console, not one per rank
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-        if cfg.tis_cap > 0 and (cfg.temperature != 1.0 or cfg.top_p < 1.0):
-            raise SystemExit("--tis_cap compares trainer and engine log-probs at temperature 1, top_p 1 only")
-        if cfg.batch_prompts % self.world:
-            raise SystemExit(f"--batch_prompts={cfg.batch_prompts} must be a multiple of the world size {self.world}")
-        from torch.distributed.device_mesh import init_device_mesh
-
-        self.mesh = init_device_mesh(self.device.type, (self.world,))
-        self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        tok_name = cfg.tokenizer or ("" if cfg.model == "tiny" else cfg.model)
-        if self.rank == 0:  # the tiny tokenizer is written once, then read by every rank
-            keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
-        dist.barrier()
-        self.tok = keychain.load_tokenizer(tok_name, tmp_dir=str(self.out / "tiny-tokenizer"))
-        self.rows = [r for r in rows if r.get("num_tokens", 0) <= cfg.max_prompt_tokens]
-        dropped = len(rows) - len(self.rows)  # long KeyChain rows must not vanish silently: count, print, fail
-        if dropped and self.rank == 0:
-            print(f"{cfg.data}: {dropped} of {len(rows)} rows over --max_prompt_tokens={cfg.max_prompt_tokens} left out")
-        if dropped > 0.02 * len(rows):
-            raise SystemExit(f"{cfg.data}: {dropped} of {len(rows)} rows (over 2%) exceed --max_prompt_tokens="
-                             f"{cfg.max_prompt_tokens}; raise it or rebuild the data")
-        if not self.rows:
-            raise SystemExit(f"{cfg.data}: no rows")
-        self.reward_cfg = rewards.Config(qa_metric=cfg.qa_metric, qa_rule=cfg.qa_rule)
-        # (rows, texts, finish reasons) -> [(reward, diag)]; a reward_fn given here reads rows and texts only
-        self.reward_fn = ((lambda rows, texts, finish: reward_fn(rows, texts)) if reward_fn else
-                          (lambda rows, texts, finish: rewards.score_batch(rows, texts, self.reward_cfg, finish=finish)))
-        torch.manual_seed(cfg.seed)
-        # vLLM loads its own copy from the path: the trainer can start on the meta device and fill its shards
-        # from rank 0 (the HF engine needs a whole copy on every rank anyway)
-        meta = cfg.meta_load and self._engine_kind() == "vllm" and cfg.model != "tiny"
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            lm = load_lm(cfg, self.tok, weights=not meta)  # CPU, fp32: fully_shard moves each rank's shard to GPU
-        # flash-attn varlen: one packed row per micro-batch; SDPA: length-grouped padded rows (see padded_inputs)
-        self.packed = getattr(lm.config, "_attn_implementation", None) == "flash_attention_2"
-        if cfg.grad_ckpt:  # non-reentrant: composes with FSDP2's hooks (transformers 5 renamed the method)
-            if hasattr(lm, "activation_checkpointing_enable"):
-                lm.activation_checkpointing_enable({"use_reentrant": False})
-            else:
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.engine = self._make_engine(lm)  # before sharding: the HF engine keeps an unsharded copy
-        self.ref = None
-        if cfg.kl_coef > 0:  # never trained: on GPU loaded in bf16, without an fp32 copy in host memory
-            gpu, ref_off = self.device.type == "cuda", cfg.ref_offload and self.device.type == "cuda"
-            with torch.device("meta") if meta else contextlib.nullcontext():
-                ref = load_lm(cfg, self.tok, torch.bfloat16, weights=not meta) if gpu or meta else copy.deepcopy(lm)
-            ref = ref.requires_grad_(False).eval()
-            self.ref = shard(Policy(ref, cfg.logit_chunk), self.mesh, self.device, ref_off)
-            if meta:
-                load_from_rank0(self.ref, cfg, self.tok, self.device, torch.bfloat16, ref_off)
-        self.policy = shard(Policy(lm, cfg.logit_chunk), self.mesh, self.device, cfg.offload)
-        if meta:
-            load_from_rank0(self.policy, cfg, self.tok, self.device, torch.float32, cfg.offload)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.step = 0
-        per_epoch = len(self.rows) // cfg.batch_prompts
-        self.total = cfg.steps or cfg.epochs * per_epoch
-        if self.total <= 0:
-            raise SystemExit(f"{cfg.data}: {len(self.rows)} rows are fewer than one batch of {cfg.batch_prompts}")
-        if cfg.resume:
-            self.load_latest()
-        if self.rank == 0:
-            self.trim_logs()
-
-    def _engine_kind(self) -> str:
-        return engine_kind(self.cfg.engine, self.device)
-
-    def _make_engine(self, lm):
-        cfg = self.cfg
-        kind = self._engine_kind()
-        rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
-                              seed=cfg.seed, device=str(self.device), tp=cfg.tp,
-                              dtype="bfloat16" if self.device.type == "cuda" else "float32",
-                              gpu_memory_utilization=cfg.gpu_memory_utilization)
-        return rollout.make_engine(rcfg, lm, self.tok)
-
-    # -- data: a seeded permutation per epoch; step s takes positions [s*B, (s+1)*B) of the stream
-    def batch_indices(self, step: int) -> list[int]:
-        B, n, perms = self.cfg.batch_prompts, len(self.rows), {}
-        for epoch in {pos // n for pos in range(step * B, (step + 1) * B)}:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
-        return [int(perms[pos // n][pos % n]) for pos in range(step * B, (step + 1) * B)]
-
-    def encode(self, row: dict) -> list[int]:
-        ids = self.tok(keychain.render_prompt(self.tok, row["messages"]), add_special_tokens=False)["input_ids"]
-        if len(ids) > self.cfg.max_prompt_tokens:  # cutting would drop the chat header: the rows must fit
-            raise SystemExit(f"row {row.get('id')}: {len(ids)} prompt tokens > --max_prompt_tokens; rebuild the data")
-        return ids
-
-    # -- one step
-    def rollout(self) -> tuple[list[dict], dict]:
-        cfg, G = self.cfg, self.cfg.group
-        glob = self.batch_indices(self.step)
-        mine = list(range(self.rank, len(glob), self.world))  # positions in the global batch
-        rows = [self.rows[glob[p]] for p in mine]
-        prompts = [self.encode(r) for r in rows]
-        t0 = time.time()
-        # one seed per prompt: the same prompt samples the same completions whatever the world size
-        seeds = [hash_seed(cfg.seed, self.step, p) for p in mine]
-        outs = self.engine.generate(prompts, n=G, seed=seeds)
-        t_gen = time.time() - t0
-        texts = [c.text for comps in outs for c in comps]
-        finish = [c.finish_reason for comps in outs for c in comps]  # "length" (cut): reward 0 in reward.py
-        scored = self.reward_fn([r for r in rows for _ in range(G)], texts, finish)
-        seqs, records, dropped = [], [], 0
-        for i, (row, prompt, comps) in enumerate(zip(rows, prompts, outs)):
-            r = torch.tensor([float(s[0]) for s in scored[i * G:(i + 1) * G]])
-            adv = group_advantages(r[None], cfg.adv_std)[0]
-            equal = bool((r == r[0]).all())
-            dropped += equal
-            for j, c in enumerate(comps):
-                rec = {"id": row.get("id"), "source": row.get("source", "?"), "kind": row.get("kind", "?"),
-                       "reward": float(r[j]), "len": len(c.token_ids), "finish": c.finish_reason,
-                       **keychain_names(row, c.text)}
-                records.append(rec)
-                if not (equal and cfg.drop_equal_groups) and c.token_ids:
-                    seqs.append({"prompt": prompt, "completion": list(c.token_ids), "adv": float(adv[j]),
-                                 "engine_lp": torch.tensor(c.logprobs, dtype=torch.float32)})
-        samples = [{"step": self.step + 1, "id": row.get("id"), "answers": row.get("answers"),
-                    "response": outs[i][0].text, "reward": records[i * G]["reward"]}
-                   for i, row in enumerate(rows[:cfg.log_samples])]
-        return seqs, {"records": records, "dropped": dropped, "groups": len(rows), "t_gen": t_gen, "samples": samples}
-
-    @torch.no_grad()
-    def score_logps(self, model: Policy, seqs: list[dict], key: str) -> None:
-        for mb in self.micro_batches(seqs):
-            if not mb:
-                model(*self.inputs([DUMMY]))
-                continue
-            lp, ent = model(*self.inputs(mb))
-            for s, a, e in zip(mb, lp.split([len(s["completion"]) for s in mb]),
-                               ent.split([len(s["completion"]) for s in mb])):
-                s[key] = a.float().cpu()
-                if key == "old":
-                    s["entropy"] = e.float().cpu()
-        # FSDP2 keeps a root's parameters gathered after a no-grad forward; after an earlier backward the next
-        # backward would then count the root's gradients (embeddings, norm, lm_head) twice
-        model.reshard()
-
-    def micro_batches(self, seqs: list[dict]) -> list[list[dict]]:
-        """Token-budget micro-batches, padded with empty ones so every rank makes the same number of calls."""
-        group = pack if self.packed else pad_groups
-        groups = [[seqs[i] for i in idx] for idx in group([len(s["prompt"]) + len(s["completion"]) for s in seqs],
-                                                         self.cfg.micro_tokens)]
-        n = int(all_max(len(groups), self.device))
-        return groups + [[] for _ in range(n - len(groups))]
-
-    def inputs(self, mb: list[dict]) -> tuple[torch.Tensor, ...]:
-        return (packed_inputs if self.packed else padded_inputs)(mb, self.device)
-
-    def update(self, seqs: list[dict]) -> dict:
-        cfg = self.cfg
-        self.policy.train()
-        # one optimizer step on the batch: the old policy is the current one, so the ratio is exactly 1 and the
-        # detached current log-probs serve as old ones (TRL does the same with one iteration per generation)
-        if cfg.mini_batches > 1 or cfg.ppo_epochs > 1:
-            self.score_logps(self.policy, seqs, "old")
-        if self.ref is not None:
-            self.score_logps(self.ref, seqs, "ref")
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": [], "skipped": 0, "steps": 0,
-                 "entropy": [sum(float(s["entropy"].sum()) for s in seqs if "entropy" in s),
-                             sum(len(s["completion"]) for s in seqs)]}
-        for _ in range(cfg.ppo_epochs):
-            order = seqs[:]
-            random.Random(hash_seed(cfg.seed, self.step, self.rank)).shuffle(order)
-            for m in range(cfg.mini_batches):
-                mini = order[m::cfg.mini_batches]
-                n_tok = all_sum(sum(len(s["completion"]) for s in mini), self.device)
-                if n_tok == 0:
-                    continue
-                self.opt.zero_grad(set_to_none=True)
-                before = stats["loss"]
-                mbs = self.micro_batches(mini)  # the same count on every rank
-                for i, mb in enumerate(mbs):
-                    # gradients accumulate unsharded; one reduce-scatter after the mini-batch's last micro-batch
-                    self.policy.set_requires_gradient_sync(not cfg.grad_sync_last or i == len(mbs) - 1)
-                    self._backward(mb, n_tok, stats)
-                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                # one decision for all ranks, per mini-batch: a NaN/inf never reaches the weights
-                if all_max(float(not (math.isfinite(norm) and math.isfinite(stats["loss"] - before))), self.device):
-                    stats["skipped"] += 1
-                    stats["loss"] = before if math.isfinite(before) else 0.0
-                else:
-                    self.opt.step()
-                    stats["grad_norm"].append(norm)
-                    stats["steps"] += 1
-                self.opt.zero_grad(set_to_none=True)  # free the gradients before the push and the next rollout
-        return stats
-
-    def _backward(self, mb: list[dict], n_tok: float, stats: dict) -> None:
-        cfg = self.cfg
-        if not mb:  # a dummy micro-batch: same collectives, zero gradient
-            loss, _, _ = self.policy(*self.inputs([DUMMY]), loss_fn=lambda lp, ent, sl: lp.sum() * 0.0)
-            loss.backward()
-            return
-        cat = lambda k: torch.cat([s[k] for s in mb]).to(self.device)  # noqa: E731
-        old = cat("old") if "old" in mb[0] else None  # None: the detached current log-probs (see update)
-        adv = torch.cat([torch.full((len(s["completion"]),), s["adv"]) for s in mb]).to(self.device)
-        ref = cat("ref") if self.ref is not None else None
-        engine_lp = cat("engine_lp") if cfg.tis_cap > 0 else None
-        # token mean over the whole mini-batch on all ranks: FSDP averages gradients over ranks, hence * world
-        scale = self.world / n_tok
-
-        def token_loss(lp, ent, sl):
-            old_sl = lp.detach() if old is None else old[sl]
-            w = None
-            if engine_lp is not None:  # trainer vs engine kernels: correct the surrogate with capped importance weights
-                w = (old_sl - engine_lp[sl]).exp().clamp(max=cfg.tis_cap)
-            loss = policy_loss(lp, old_sl, adv[sl], cfg.clip_low, cfg.clip_high, w)[0]
-            if ref is not None:
-                loss = loss + cfg.kl_coef * kl_k3(lp, ref[sl])
-            return (loss - cfg.entropy_coef * ent).sum() * scale
-
-        loss, lp, ent = self.policy(*self.inputs(mb), loss_fn=token_loss)
-        loss.backward()
-        if old is None:
-            old = lp
-            stats["entropy"][0] += float(ent.sum())
-        stats["loss"] += loss.item() / self.world
-        if ref is not None:
-            stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok
-        stats["clip_frac"] += policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)[1].sum().item() / n_tok
-        stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
-
-    def push_weights(self) -> None:
-        # each shard cast to bf16 before rollout.full_tensor gathers it: half the bytes, and what vLLM holds
-        bf16 = self.device.type == "cuda"
-        self.engine.update_weights((k[len("lm."):], v.to(torch.bfloat16) if bf16 and v.is_floating_point() else v)
-                                   for k, v in self.policy.state_dict().items())
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on any: the ranks must take the same branch around collectives."""
+    return bool(all_max(float(flag), device))
 
 
-    # -- the loop
-    def run(self) -> dict:
-        from tqdm import tqdm
+def hash_seed(*parts: int) -> int:
+    """A 31-bit seed from integers, stable across processes (Python's hash() of str is salted)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % (1 << 64)
+    return h % (1 << 31)
 
-        cfg, last = self.cfg, {}
-        logf = self.out / "log.jsonl"
-        wb = self._wandb()
-        bar = tqdm(total=self.total, initial=self.step, desc=f"grpo {self.out.name}", disable=self.rank != 0,
-                   dynamic_ncols=True)
-        done_here = 0
-        while self.step < self.total:
-            t0 = time.time()
-            seqs, info = self.rollout()
-            self.engine.sleep()
-            t1 = time.time()
-            st = self.update(seqs)
-            # the push wakes vLLM in the safe order (weights, push, KV cache, prefix reset); HF: copy, then move
-            self.push_weights()
-            self.engine.wake()
-            t_upd = time.time() - t1
-            self.step += 1
-            last = self.log_step(info, st, t_upd, time.time() - t0, logf, wb)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total:
-                self.save()
-            done_here += 1
-            if cfg.stop_after and done_here >= cfg.stop_after:
-                return last
-        bar.close()
-        self.save()
-        if cfg.export:
-            self.export(self.out / "hf")
-        if wb:
-            wb.finish()
-        return last
 
-    def log_step(self, info: dict, st: dict, t_upd: float, t_all: float, logf: Path, wb) -> dict:
-        recs = [r for part in gather(info["records"]) for r in part]
-        samples = [s for part in gather(info["samples"]) for s in part]
-        tot = lambda x: all_sum(x, self.device)  # noqa: E731
-        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-        line = {"step": self.step, "reward": mean([r["reward"] for r in recs]),
-                "accuracy": mean([float(r["reward"] >= 1.0) for r in recs]),
-                "response_len": mean([r["len"] for r in recs]),
-                "truncated": mean([float(r["finish"] == "length") for r in recs]),
-                "dropped_groups": int(tot(info["dropped"])), "groups": int(tot(info["groups"])),
-                "loss": tot(st["loss"]) / max(st["steps"], 1), "kl": tot(st["kl"]) / max(st["steps"], 1),
-                "clip_frac": tot(st["clip_frac"]) / max(st["steps"], 1), "optimizer_steps": st["steps"],
-                "entropy": tot(st["entropy"][0]) / max(tot(st["entropy"][1]), 1),
-                "grad_norm": mean(st["grad_norm"]), "skipped_steps": int(all_max(st["skipped"], self.device)),
-                "t_gen": all_max(info["t_gen"], self.device), "t_update": all_max(t_upd, self.device),
-                "update_tok_per_s": tot(st["tokens"]) / max(all_max(t_upd, self.device), 1e-9), "t_step": t_all}
-        for src in sorted({r["source"] for r in recs}):
-            line[f"reward/{src}"] = mean([r["reward"] for r in recs if r["source"] == src])
-        kc = [r for r in recs if "names_real" in r]
-        if kc:
-            line["keychain/names_real"] = mean([float(r["names_real"]) for r in kc])
-            line["keychain/names_distractor"] = mean([float(r["names_distractor"]) for r in kc])
-        if self.rank == 0:
-            with open(logf, "a") as f:
-                f.write(json.dumps(line) + "\n")
-            (self.out / "rollouts").mkdir(exist_ok=True)
-            keychain.write_rows(self.out / "rollouts" / f"step_{self.step:06d}.jsonl", samples)
-            with open(self.out / "mining.jsonl", "a") as f:  # every item's rewards, for cheap hard mining
-                for rid in dict.fromkeys(r["id"] for r in recs):
-                    rs = [r["reward"] for r in recs if r["id"] == rid]
-                    f.write(json.dumps({"id": rid, "n": len(rs), "k": sum(x >= 1.0 for x in rs), "step": self.step}) + "\n")
-            if wb:
-                wb.log(line, step=self.step)
-        return line
+# ----------------------------------------------------------------------------- setup pieces
+POSITIVE = ("batch_prompts", "group", "epochs", "max_prompt_tokens", "max_new_tokens", "micro_tokens", "logit_chunk",
+            "mini_batches", "ppo_epochs", "keep", "timeout_hours")
+NON_NEGATIVE = ("steps", "save_every", "log_samples", "stop_after", "lr", "kl_coef", "grad_clip", "tis_cap")
 
-    def _wandb(self):
-        if not self.cfg.wandb or self.rank != 0:
-            return None
-        import wandb
 
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        return wandb.init(project=self.cfg.wandb, dir=str(self.out), config=asdict(self.cfg), mode=mode)
+def check_inputs(cfg: Config) -> list[dict]:
+    """Settings, the rows file and the model, checked before anything is created; returns the rows.
+    Each row needs messages (a chat) and answers (a non-empty list): without answers every reward is 0."""
+    # 1) settings
+    bad = [f"--{k}={getattr(cfg, k)} must be positive" for k in POSITIVE if not getattr(cfg, k) > 0]
+    bad += [f"--{k}={getattr(cfg, k)} must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    if cfg.qa_rule not in rewards.QA_RULES or cfg.qa_metric not in rewards.QA_METRICS:
+        bad.append(f"--qa_rule={cfg.qa_rule} / --qa_metric={cfg.qa_metric}: one of {rewards.QA_RULES} / {rewards.QA_METRICS}")
+    if bad:
+        raise SystemExit(f"grpo.py: {bad[0]}")
+    # 2) the rows file, record by record
+    if not cfg.data:
+        raise SystemExit("grpo.py: --data=ROWS.jsonl is required (make rows with keychain.py)")
+    if not Path(cfg.data).is_file():
+        raise SystemExit(f"grpo.py: --data={cfg.data}: no such file")
+    rows = []
+    for i, row in keychain.read_records(cfg.data):
+        where = f"{cfg.data}: record {i}" + (f" ({row['id']})" if isinstance(row, dict) and "id" in row else "")
+        if not isinstance(row, dict):
+            raise keychain.DataError(f"{where}: a row must be a JSON object")
+        if not (isinstance(row.get("messages"), list) and row["messages"]
+                and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"])):
+            raise keychain.DataError(f"{where}: 'messages' must be a non-empty list of chat messages")
+        if not (isinstance(row.get("answers"), list) and row["answers"]):
+            raise keychain.DataError(f"{where}: 'answers' must be a non-empty list (the reward needs a gold answer)")
+        rows.append(row)
+    # 3) enough rows within the prompt budget for one batch
+    fit = sum(r.get("num_tokens", 0) <= cfg.max_prompt_tokens for r in rows)
+    if not fit or (not cfg.steps and fit < cfg.batch_prompts):
+        raise SystemExit(f"grpo.py: {cfg.data}: {fit} rows within --max_prompt_tokens, fewer than one batch of "
+                         f"{cfg.batch_prompts} (give --steps to cycle over them)" if fit else f"grpo.py: {cfg.data}: no rows")
+    # 4) the model
+    if cfg.model != "tiny":
+        try:  # a local folder or a hub id: its config proves the name before any folder is made
+            from transformers import AutoConfig
 
-    # -- checkpoints: torch.distributed.checkpoint, written to a temporary folder and renamed
-    def save(self) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+            AutoConfig.from_pretrained(cfg.model)
+        except Exception as e:  # noqa: BLE001 - any failure means we cannot start
+            raise SystemExit(f"grpo.py: --model={cfg.model}: cannot load its config ({str(e).splitlines()[0]})") from None
+    return rows
 
-        final = self.out / "ckpt" / f"step_{self.step:06d}"
-        if final.exists():
-            return
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0 and tmp.exists():
-            shutil.rmtree(tmp)
-        dist.barrier()
-        msd, osd = get_state_dict(self.policy, self.opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        rngs = gather(torch.get_rng_state())  # one file for any world size: every rank's RNG, indexed by rank
-        if self.rank == 0:
-            torch.save({"step": self.step, "torch_rng": rngs, "world": self.world, "config": asdict(self.cfg)},
-                       tmp / "extra.pt")
-        dist.barrier()
-        if self.rank == 0:
-            os.replace(tmp, final)
-            done = sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".tmp"))
-            for old in done[:max(len(done) - max(self.cfg.keep, 1), 0)]:
-                shutil.rmtree(old)
-        dist.barrier()
 
-    def load_latest(self) -> bool:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        done = sorted(p for p in (self.out / "ckpt").glob("step_*") if not p.name.endswith(".tmp"))
-        if not done:
-            return False
-        msd, osd = get_state_dict(self.policy, self.opt)
-        state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(done[-1]))
-        set_state_dict(self.policy, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        # DCP reshards model and optimizer to this world size; step and RNG come from the one extra.pt (older
-        # checkpoints: extra_rank{r}.pt). A rank beyond the saving world takes rank r mod that world's RNG.
-        path = done[-1] / "extra.pt"
-        if path.exists():
-            extra = torch.load(path, weights_only=False)
-            rng = extra["torch_rng"][self.rank % len(extra["torch_rng"])]
+def load_models(cfg: Config, tok, kind: str, mesh, device: torch.device) -> tuple[Policy, Policy | None, Any]:
+    """The policy (FSDP2, fp32 master weights), the frozen reference (None without KL) and the rollout engine."""
+    torch.manual_seed(cfg.seed)
+    # 1) the policy's model. vLLM loads its own copy from the path: the trainer can start on the meta device and
+    # fill its shards from rank 0 (the HF engine needs a whole copy on every rank anyway)
+    meta = cfg.meta_load and kind == "vllm" and cfg.model != "tiny"
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        lm = load_lm(cfg, tok, weights=not meta)  # CPU, fp32: fully_shard moves each rank's shard to GPU
+    if cfg.grad_ckpt:  # non-reentrant: composes with FSDP2's hooks (transformers 5 renamed the method)
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable({"use_reentrant": False})
         else:
-            old = sorted(done[-1].glob("extra_rank*.pt"))
-            mine = done[-1] / f"extra_rank{self.rank}.pt"
-            extra = torch.load(mine if mine.exists() else old[0], weights_only=False)
-            rng = extra["torch_rng"]
-        self.step = extra["step"]
-        torch.set_rng_state(rng)
-        self.push_weights()
-        if self.rank == 0:
-            print(f"resumed from {done[-1]} at step {self.step}")
-        return True
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # 2) the engine, before sharding: the HF engine keeps an unsharded copy
+    engine = make_engine(cfg, kind, lm, tok, device)
+    # 3) the reference: never trained, so on GPU loaded in bf16, without an fp32 copy in host memory
+    ref = None
+    if cfg.kl_coef > 0:
+        gpu = device.type == "cuda"
+        ref_off = cfg.ref_offload and gpu
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            ref = load_lm(cfg, tok, torch.bfloat16, weights=not meta) if gpu or meta else copy.deepcopy(lm)
+        ref = ref.requires_grad_(False).eval()
+        ref = shard(Policy(ref, cfg.logit_chunk), mesh, device, ref_off)
+        if meta:
+            load_from_rank0(ref, cfg, tok, device, torch.bfloat16, ref_off)
+    # 4) the policy, sharded last
+    policy = shard(Policy(lm, cfg.logit_chunk), mesh, device, cfg.offload)
+    if meta:
+        load_from_rank0(policy, cfg, tok, device, torch.float32, cfg.offload)
+    return policy, ref, engine
 
-    def trim_logs(self) -> None:
-        """Cut the append-only files back to the step training continues from: a crash after the last
-        checkpoint logged steps that run again now (log.jsonl would hold [1, 2, 3, 3, 4]), and may have torn the
-        last line in half."""
-        keep = lambda rec: isinstance(rec, dict) and rec.get("step", 0) <= self.step  # noqa: E731
-        cut = trim_jsonl(self.out / "log.jsonl", keep) + trim_jsonl(self.out / "mining.jsonl", keep)
-        stale = [p for p in (self.out / "rollouts").glob("step_*.jsonl") if int(p.stem[len("step_"):]) > self.step]
-        for p in stale:
-            p.unlink()
-        if cut or stale:
-            print(f"{self.out}: continuing at step {self.step}: removed {cut} log lines and {len(stale)} rollout "
-                  "files written after it (or torn by a crash)")
 
-    def export(self, path: Path) -> None:
-        """The policy as a Hugging Face folder (safetensors, config, tokenizer) for from_pretrained and vLLM."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def make_engine(cfg: Config, kind: str, lm: nn.Module, tok, device: torch.device):
+    """rollout.py's engine with this stage's sampling settings (bf16 on GPU, like the policy's compute)."""
+    rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
+                          max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
+                          seed=cfg.seed, device=str(device), tp=cfg.tp,
+                          dtype="bfloat16" if device.type == "cuda" else "float32",
+                          gpu_memory_utilization=cfg.gpu_memory_utilization)
+    return rollout.make_engine(rcfg, lm, tok)
 
-        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank == 0:
-            sd = {k[len("lm."):]: v for k, v in sd.items()}
-            if getattr(self.policy.lm.config, "tie_word_embeddings", False):
-                sd.pop("lm_head.weight", None)  # gathered shards are separate copies; the config re-ties them
-            if self.device.type == "cuda":  # the next stage, vLLM and eval load bf16, not fp32 master weights
-                sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
-                self.policy.lm.config.dtype = self.policy.lm.config.torch_dtype = torch.bfloat16
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.policy.lm.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
-            self.tok.save_pretrained(str(tmp))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        dist.barrier()
+
+# ----------------------------------------------------------------------------- one step's pieces
+def batch_indices(step: int, n: int, batch_prompts: int, seed: int) -> list[int]:
+    """Rows of step `step`: a seeded permutation per epoch; step s takes positions [s*B, (s+1)*B) of the stream."""
+    B, perms = batch_prompts, {}
+    for epoch in {pos // n for pos in range(step * B, (step + 1) * B)}:
+        perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return [int(perms[pos // n][pos % n]) for pos in range(step * B, (step + 1) * B)]
+
+
+def encode(tok, row: dict, max_prompt_tokens: int) -> list[int]:
+    ids = tok(keychain.render_prompt(tok, row["messages"]), add_special_tokens=False)["input_ids"]
+    if len(ids) > max_prompt_tokens:  # cutting would drop the chat header: the rows must fit
+        raise SystemExit(f"row {row.get('id')}: {len(ids)} prompt tokens > --max_prompt_tokens; rebuild the data")
+    return ids
+
+
+def micro_batches(seqs: list[dict], packed: bool, budget: int, device: torch.device) -> list[list[dict]]:
+    """Token-budget micro-batches, padded with empty ones so every rank makes the same number of calls."""
+    group = pack if packed else pad_groups
+    groups = [[seqs[i] for i in idx] for idx in group([len(s["prompt"]) + len(s["completion"]) for s in seqs], budget)]
+    n = int(all_max(len(groups), device))
+    return groups + [[] for _ in range(n - len(groups))]
+
+
+def model_inputs(mb: list[dict], packed: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return (packed_inputs if packed else padded_inputs)(mb, device)
+
+
+@torch.no_grad()
+def score_logps(model: Policy, seqs: list[dict], key: str, packed: bool, budget: int, device: torch.device) -> None:
+    """Each sequence's completion log-probs under `model`, stored as s[key] (key "old": entropies too)."""
+    for mb in micro_batches(seqs, packed, budget, device):
+        if not mb:  # a dummy micro-batch: this rank has run out, the others still gather parameters
+            model(*model_inputs([DUMMY], packed, device))
+            continue
+        lp, ent = model(*model_inputs(mb, packed, device))
+        sizes = [len(s["completion"]) for s in mb]
+        for s, a, e in zip(mb, lp.split(sizes), ent.split(sizes)):
+            s[key] = a.float().cpu()
+            if key == "old":
+                s["entropy"] = e.float().cpu()
+    # FSDP2 keeps a root's parameters gathered after a no-grad forward; after an earlier backward the next
+    # backward would then count the root's gradients (embeddings, norm, lm_head) twice
+    model.reshard()
+
+
+def backward_micro_batch(policy: Policy, mb: list[dict], n_tok: float, stats: dict, cfg: Config, world: int,
+                         packed: bool, device: torch.device) -> None:
+    """Clipped surrogate + k3 KL (- entropy bonus) of one micro-batch: backward, and its share of the stats.
+    `n_tok`: completion tokens of the whole mini-batch over all ranks, the loss being their token mean."""
+    if not mb:  # a dummy micro-batch: same collectives, zero gradient
+        loss, _, _ = policy(*model_inputs([DUMMY], packed, device), loss_fn=lambda lp, ent, sl: lp.sum() * 0.0)
+        loss.backward()
+        return
+    cat = lambda k: torch.cat([s[k] for s in mb]).to(device)  # noqa: E731
+    old = cat("old") if "old" in mb[0] else None  # None: the detached current log-probs (phase 3 of train)
+    adv = torch.cat([torch.full((len(s["completion"]),), s["adv"]) for s in mb]).to(device)
+    ref = cat("ref") if cfg.kl_coef > 0 else None
+    engine_lp = cat("engine_lp") if cfg.tis_cap > 0 else None
+    # token mean over the whole mini-batch on all ranks: FSDP averages gradients over ranks, hence * world
+    scale = world / n_tok
+
+    def token_loss(lp, ent, sl):
+        old_sl = lp.detach() if old is None else old[sl]
+        w = None
+        if engine_lp is not None:  # trainer vs engine kernels: correct the surrogate with capped importance weights
+            w = (old_sl - engine_lp[sl]).exp().clamp(max=cfg.tis_cap)
+        loss = policy_loss(lp, old_sl, adv[sl], cfg.clip_low, cfg.clip_high, w)[0]
+        if ref is not None:
+            loss = loss + cfg.kl_coef * kl_k3(lp, ref[sl])
+        return (loss - cfg.entropy_coef * ent).sum() * scale
+
+    loss, lp, ent = policy(*model_inputs(mb, packed, device), loss_fn=token_loss)
+    loss.backward()
+    if old is None:
+        old = lp
+        stats["entropy_sum"] += float(ent.sum())
+    stats["loss"] += loss.item() / world
+    if ref is not None:
+        stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok
+    stats["clip_frac"] += policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)[1].sum().item() / n_tok
+    stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
+
+
+def push_weights(engine, policy: Policy, device: torch.device) -> None:
+    """The policy's weights into the rollout engine (vLLM: wakes its weights first, then its KV cache)."""
+    # each shard cast to bf16 before rollout.full_tensor gathers it: half the bytes, and what vLLM holds
+    bf16 = device.type == "cuda"
+    engine.update_weights((k[len("lm."):], v.to(torch.bfloat16) if bf16 and v.is_floating_point() else v)
+                          for k, v in policy.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- logs
+def keychain_names(row: dict, text: str) -> dict:
+    """For KeyChain rows: does the completion name the real question, or a distractor question?"""
+    if row.get("kind") != "keychain" or not row.get("question"):
+        return {}
+    t = keychain.norm_q(text)
+    return {"names_real": keychain.norm_q(row["question"]) in t,
+            "names_distractor": any(keychain.norm_q(q) in t for q in row.get("distractor_questions") or [])}
+
+
+def rollout_records(rows: list[dict], outs: list, group_rewards: list[torch.Tensor]) -> list[dict]:
+    """One record per completion: what log.jsonl averages and mining.jsonl counts."""
+    records = []
+    for row, comps, r in zip(rows, outs, group_rewards):
+        for j, c in enumerate(comps):
+            records.append({"id": row.get("id"), "source": row.get("source", "?"), "kind": row.get("kind", "?"),
+                            "reward": float(r[j]), "len": len(c.token_ids), "finish": c.finish_reason,
+                            **keychain_names(row, c.text)})
+    return records
+
+
+def log_line(step: int, recs: list[dict], dropped: int, groups: int, stats: dict, t_gen: float, t_update: float,
+             t_step: float, device: torch.device) -> dict:
+    """The step's numbers over all ranks: `recs` holds every rank's records, the rest is this rank's and is summed
+    (or maxed) here, so every rank must call it."""
+    tot = lambda x: all_sum(x, device)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    steps = max(stats["steps"], 1)
+    line = {"step": step}
+    line["reward"] = mean([r["reward"] for r in recs])
+    line["accuracy"] = mean([float(r["reward"] >= 1.0) for r in recs])
+    line["response_len"] = mean([r["len"] for r in recs])
+    line["truncated"] = mean([float(r["finish"] == "length") for r in recs])
+    line["dropped_groups"] = int(tot(dropped))
+    line["groups"] = int(tot(groups))
+    line["loss"] = tot(stats["loss"]) / steps
+    line["kl"] = tot(stats["kl"]) / steps
+    line["clip_frac"] = tot(stats["clip_frac"]) / steps
+    line["optimizer_steps"] = stats["steps"]
+    line["entropy"] = tot(stats["entropy_sum"]) / max(tot(stats["entropy_tokens"]), 1)
+    line["grad_norm"] = mean(stats["grad_norm"])
+    line["skipped_steps"] = int(all_max(stats["skipped"], device))
+    line["t_gen"] = all_max(t_gen, device)
+    line["t_update"] = all_max(t_update, device)
+    line["update_tok_per_s"] = tot(stats["tokens"]) / max(all_max(t_update, device), 1e-9)
+    line["t_step"] = t_step
+    for src in sorted({r["source"] for r in recs}):
+        line[f"reward/{src}"] = mean([r["reward"] for r in recs if r["source"] == src])
+    kc = [r for r in recs if "names_real" in r]
+    if kc:
+        line["keychain/names_real"] = mean([float(r["names_real"]) for r in kc])
+        line["keychain/names_distractor"] = mean([float(r["names_distractor"]) for r in kc])
+    return line
+
+
+def write_logs(out: Path, step: int, line: dict, recs: list[dict], samples: list[dict]) -> None:
+    """Rank 0 appends the line to log.jsonl, writes the samples to rollouts/, and appends every item's rewards
+    to mining.jsonl (cheap hard mining: no extra sampling pass)."""
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    (out / "rollouts").mkdir(exist_ok=True)
+    keychain.write_rows(out / "rollouts" / f"step_{step:06d}.jsonl", samples)
+    with open(out / "mining.jsonl", "a") as f:
+        for rid in dict.fromkeys(r["id"] for r in recs):
+            rs = [r["reward"] for r in recs if r["id"] == rid]
+            f.write(json.dumps({"id": rid, "n": len(rs), "k": sum(x >= 1.0 for x in rs), "step": step}) + "\n")
+
+
+def trim_logs(out: Path, step: int) -> None:
+    """Cut the append-only files back to the step training continues from: a crash after the last
+    checkpoint logged steps that run again now (log.jsonl would hold [1, 2, 3, 3, 4]), and may have torn the
+    last line in half."""
+    keep = lambda rec: isinstance(rec, dict) and rec.get("step", 0) <= step  # noqa: E731
+    cut = trim_jsonl(out / "log.jsonl", keep) + trim_jsonl(out / "mining.jsonl", keep)
+    stale = [p for p in (out / "rollouts").glob("step_*.jsonl") if int(p.stem[len("step_"):]) > step]
+    for p in stale:
+        p.unlink()
+    if cut or stale:
+        print(f"{out}: continuing at step {step}: removed {cut} log lines and {len(stale)} rollout "
+              "files written after it (or torn by a crash)")
 
 
 def trim_jsonl(path: Path, keep: Callable[[Any], bool] = lambda rec: True) -> int:
@@ -835,71 +717,273 @@ def trim_jsonl(path: Path, keep: Callable[[Any], bool] = lambda rec: True) -> in
     return len(lines) - len(out)
 
 
-POSITIVE = ("batch_prompts", "group", "epochs", "max_prompt_tokens", "max_new_tokens", "micro_tokens", "logit_chunk",
-            "mini_batches", "ppo_epochs", "keep", "timeout_hours")
-NON_NEGATIVE = ("steps", "save_every", "log_samples", "stop_after", "lr", "kl_coef", "grad_clip", "tis_cap")
+# ----------------------------------------------------------------------------- checkpoints and export
+def save_checkpoint(out: Path, step: int, policy: Policy, opt: torch.optim.Optimizer, cfg: Config) -> None:
+    """out/ckpt/step_N by torch.distributed.checkpoint (any world size loads it), written to a temporary
+    folder and renamed; the newest cfg.keep are kept. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = dist.get_rank()
+    final = out / "ckpt" / f"step_{step:06d}"
+    if final.exists():
+        return
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    msd, osd = get_state_dict(policy, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    rngs = gather(torch.get_rng_state())  # one file for any world size: every rank's RNG, indexed by rank
+    if rank == 0:
+        extra = {"step": step, "torch_rng": rngs, "world": dist.get_world_size(), "config": asdict(cfg)}
+        torch.save(extra, tmp / "extra.pt")
+    dist.barrier()
+    if rank == 0:
+        os.replace(tmp, final)
+        done = checkpoints(out)
+        for old in done[:max(len(done) - max(cfg.keep, 1), 0)]:
+            shutil.rmtree(old)
+    dist.barrier()
 
 
-def check_inputs(cfg: Config) -> list[dict]:
-    """Settings, the rows file and the model, checked before anything is created; returns the rows.
-    Each row needs messages (a chat) and answers (a non-empty list): without answers every reward is 0."""
-    bad = [f"--{k}={getattr(cfg, k)} must be positive" for k in POSITIVE if not getattr(cfg, k) > 0]
-    bad += [f"--{k}={getattr(cfg, k)} must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
-    if cfg.qa_rule not in rewards.QA_RULES or cfg.qa_metric not in rewards.QA_METRICS:
-        bad.append(f"--qa_rule={cfg.qa_rule} / --qa_metric={cfg.qa_metric}: one of {rewards.QA_RULES} / {rewards.QA_METRICS}")
-    if bad:
-        raise SystemExit(f"grpo.py: {bad[0]}")
-    if not cfg.data:
-        raise SystemExit("grpo.py: --data=ROWS.jsonl is required (make rows with keychain.py)")
-    if not Path(cfg.data).is_file():
-        raise SystemExit(f"grpo.py: --data={cfg.data}: no such file")
-    rows = []
-    for i, row in keychain.read_records(cfg.data):
-        where = f"{cfg.data}: record {i}" + (f" ({row['id']})" if isinstance(row, dict) and "id" in row else "")
-        if not isinstance(row, dict):
-            raise keychain.DataError(f"{where}: a row must be a JSON object")
-        if not (isinstance(row.get("messages"), list) and row["messages"]
-                and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in row["messages"])):
-            raise keychain.DataError(f"{where}: 'messages' must be a non-empty list of chat messages")
-        if not (isinstance(row.get("answers"), list) and row["answers"]):
-            raise keychain.DataError(f"{where}: 'answers' must be a non-empty list (the reward needs a gold answer)")
-        rows.append(row)
-    fit = sum(r.get("num_tokens", 0) <= cfg.max_prompt_tokens for r in rows)
-    if not fit or (not cfg.steps and fit < cfg.batch_prompts):
-        raise SystemExit(f"grpo.py: {cfg.data}: {fit} rows within --max_prompt_tokens, fewer than one batch of "
-                         f"{cfg.batch_prompts} (give --steps to cycle over them)" if fit else f"grpo.py: {cfg.data}: no rows")
-    if cfg.model != "tiny":
-        try:  # a local folder or a hub id: its config proves the name before any folder is made
-            from transformers import AutoConfig
-
-            AutoConfig.from_pretrained(cfg.model)
-        except Exception as e:  # noqa: BLE001 - any failure means we cannot start
-            raise SystemExit(f"grpo.py: --model={cfg.model}: cannot load its config ({str(e).splitlines()[0]})") from None
-    return rows
+def checkpoints(out: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a .tmp folder is one a crash interrupted)."""
+    return sorted(p for p in (out / "ckpt").glob("step_*") if not p.name.endswith(".tmp"))
 
 
-def hash_seed(*parts: int) -> int:
-    """A 31-bit seed from integers, stable across processes (Python's hash() of str is salted)."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFF)) * 1099511628211) % (1 << 64)
-    return h % (1 << 31)
+def load_checkpoint(path: Path, policy: Policy, opt: torch.optim.Optimizer) -> int:
+    """Model, optimizer and this rank's RNG from a checkpoint; returns its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    rank = dist.get_rank()
+    msd, osd = get_state_dict(policy, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # DCP reshards model and optimizer to this world size; step and RNG come from the one extra.pt (older
+    # checkpoints: extra_rank{r}.pt). A rank beyond the saving world takes rank r mod that world's RNG.
+    if (path / "extra.pt").exists():
+        extra = torch.load(path / "extra.pt", weights_only=False)
+        rng = extra["torch_rng"][rank % len(extra["torch_rng"])]
+    else:
+        old = sorted(path.glob("extra_rank*.pt"))
+        mine = path / f"extra_rank{rank}.pt"
+        extra = torch.load(mine if mine.exists() else old[0], weights_only=False)
+        rng = extra["torch_rng"]
+    torch.set_rng_state(rng)
+    return extra["step"]
 
 
-def keychain_names(row: dict, text: str) -> dict:
-    """For KeyChain rows: does the completion name the real question, or a distractor question?"""
-    if row.get("kind") != "keychain" or not row.get("question"):
-        return {}
-    t = keychain.norm_q(text)
-    return {"names_real": keychain.norm_q(row["question"]) in t,
-            "names_distractor": any(keychain.norm_q(q) in t for q in row.get("distractor_questions") or [])}
+def export(policy: Policy, tok, path: Path, device: torch.device) -> None:
+    """The policy as a Hugging Face folder (safetensors, config, tokenizer) for from_pretrained and vLLM."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        sd = {k[len("lm."):]: v for k, v in sd.items()}
+        if getattr(policy.lm.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)  # gathered shards are separate copies; the config re-ties them
+        if device.type == "cuda":  # the next stage, vLLM and eval load bf16, not fp32 master weights
+            sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+            policy.lm.config.dtype = policy.lm.config.torch_dtype = torch.bfloat16
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.lm.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- training
+def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
+    """One stage: setup, then one loop over steps. Returns the last step's log line ({} when a resumed run had
+    no step left). reward_fn(rows, texts) -> [(reward, diagnostics)] replaces reward.py (tests, benchmarks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from tqdm import tqdm
+
+    # -- setup: settings and rows, process group, tokenizer, policy, reference, engine, optimizer, resume
+    all_rows = check_inputs(cfg)  # before anything is created: bad input leaves no folder behind
+    rank, world, device = init_distributed(cfg)
+    if rank:  # one "Loading weights" bar on the console, not one per rank
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if cfg.tis_cap > 0 and (cfg.temperature != 1.0 or cfg.top_p < 1.0):
+        raise SystemExit("--tis_cap compares trainer and engine log-probs at temperature 1, top_p 1 only")
+    if cfg.batch_prompts % world:
+        raise SystemExit(f"--batch_prompts={cfg.batch_prompts} must be a multiple of the world size {world}")
+    mesh = init_device_mesh(device.type, (world,))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_name = cfg.tokenizer or ("" if cfg.model == "tiny" else cfg.model)
+    if rank == 0:  # the tiny tokenizer is written once, then read by every rank
+        keychain.load_tokenizer(tok_name, tmp_dir=str(out / "tiny-tokenizer"))
+    dist.barrier()
+    tok = keychain.load_tokenizer(tok_name, tmp_dir=str(out / "tiny-tokenizer"))
+    rows = [r for r in all_rows if r.get("num_tokens", 0) <= cfg.max_prompt_tokens]
+    left_out = len(all_rows) - len(rows)  # long KeyChain rows must not vanish silently: count, print, fail
+    if left_out and rank == 0:
+        print(f"{cfg.data}: {left_out} of {len(all_rows)} rows over --max_prompt_tokens={cfg.max_prompt_tokens} "
+              "left out")
+    if left_out > 0.02 * len(all_rows):
+        raise SystemExit(f"{cfg.data}: {left_out} of {len(all_rows)} rows (over 2%) exceed --max_prompt_tokens="
+                         f"{cfg.max_prompt_tokens}; raise it or rebuild the data")
+    if not rows:
+        raise SystemExit(f"{cfg.data}: no rows")
+    reward_cfg = rewards.Config(qa_metric=cfg.qa_metric, qa_rule=cfg.qa_rule)
+    # (rows, texts, finish reasons) -> [(reward, diag)]; a reward_fn given here reads rows and texts only
+    if reward_fn:
+        score = lambda rows, texts, finish: reward_fn(rows, texts)  # noqa: E731
+    else:
+        score = lambda rows, texts, finish: rewards.score_batch(rows, texts, reward_cfg, finish=finish)  # noqa: E731
+    policy, ref, engine = load_models(cfg, tok, engine_kind(cfg.engine, device), mesh, device)
+    # flash-attn varlen: one packed row per micro-batch; SDPA: length-grouped padded rows (see padded_inputs)
+    packed = getattr(policy.lm.config, "_attn_implementation", None) == "flash_attention_2"
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.steps or cfg.epochs * (len(rows) // cfg.batch_prompts)
+    if total <= 0:
+        raise SystemExit(f"{cfg.data}: {len(rows)} rows are fewer than one batch of {cfg.batch_prompts}")
+    start = 0
+    found = checkpoints(out) if cfg.resume else []
+    if found:
+        start = load_checkpoint(found[-1], policy, opt)  # model, optimizer, step, RNG, resharded to this world
+        push_weights(engine, policy, device)  # the engine still holds the weights it was built with
+        if rank == 0:
+            print(f"resumed from {found[-1]} at step {start}")
+    if rank == 0:
+        trim_logs(out, start)  # a crash after the last checkpoint logged steps that run again now
+    wb = None
+    if cfg.wandb and rank == 0:
+        import wandb
+
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        wb = wandb.init(project=cfg.wandb, dir=str(out), config=asdict(cfg), mode=mode)
+    bar = tqdm(total=total, initial=start, desc=f"grpo {out.name}", disable=rank != 0, dynamic_ncols=True)
+    G = cfg.group
+    done = start  # steps finished
+    last: dict = {}
+    for step in range(start, total):
+        t0 = time.time()
+
+        # 1) rollouts: this rank's share of the step's B prompts, G completions each, and their rewards
+        glob = batch_indices(step, len(rows), cfg.batch_prompts, cfg.seed)
+        mine = list(range(rank, len(glob), world))  # positions in the global batch
+        batch = [rows[glob[p]] for p in mine]
+        prompts = [encode(tok, row, cfg.max_prompt_tokens) for row in batch]
+        t1 = time.time()
+        # one seed per prompt: the same prompt samples the same completions whatever the world size
+        seeds = [hash_seed(cfg.seed, step, p) for p in mine]
+        outs = engine.generate(prompts, n=G, seed=seeds)
+        t_gen = time.time() - t1
+        texts = [c.text for comps in outs for c in comps]
+        reasons = [c.finish_reason for comps in outs for c in comps]  # "length" (cut): reward 0 in reward.py
+        scored = score([row for row in batch for _ in range(G)], texts, reasons)
+        group_rewards = [torch.tensor([float(s[0]) for s in scored[i * G:(i + 1) * G]]) for i in range(len(batch))]
+
+        # 2) group advantages; a group whose G rewards are all equal carries no signal (dropped unless told not to)
+        seqs, dropped = [], 0
+        for prompt, comps, r in zip(prompts, outs, group_rewards):
+            adv = group_advantages(r[None], cfg.adv_std)[0]
+            equal = bool((r == r[0]).all())
+            dropped += equal
+            if equal and cfg.drop_equal_groups:
+                continue
+            for c, a in zip(comps, adv):
+                if c.token_ids:  # an empty completion has no token to train on
+                    seqs.append({"prompt": prompt, "completion": list(c.token_ids), "adv": float(a),
+                                 "engine_lp": torch.tensor(c.logprobs, dtype=torch.float32)})
+        engine.sleep()  # vLLM hands the GPU to the update (KV cache freed); HF: its copy to the CPU
+        t2 = time.time()
+
+        # 3) old and reference log-probs, no gradient. One optimizer step per batch (mini_batches = ppo_epochs
+        # = 1): the old policy is the current one, so the ratio is exactly 1 and the detached current log-probs
+        # serve as old ones, without this forward (TRL does the same with one iteration per generation)
+        policy.train()
+        if cfg.mini_batches > 1 or cfg.ppo_epochs > 1:
+            score_logps(policy, seqs, "old", packed, cfg.micro_tokens, device)
+        if ref is not None:
+            score_logps(ref, seqs, "ref", packed, cfg.micro_tokens, device)
+
+        # 4) clipped surrogate + k3 KL: ppo_epochs passes over the batch, one optimizer step per mini-batch
+        stats = {
+            "loss": 0.0,  # this rank's share of each mini-batch's token-mean loss, summed (log: over ranks, / steps)
+            "kl": 0.0,  # this rank's share of each mini-batch's mean k3 per completion token, summed likewise
+            "clip_frac": 0.0,  # this rank's share of the tokens whose ratio the clip held, summed likewise
+            "tokens": 0.0,  # prompt + completion tokens through the update, for tokens/s
+            "grad_norm": [],  # before clipping, one per optimizer step taken
+            "skipped": 0,  # mini-batches whose loss or gradient norm was not finite
+            "steps": 0,  # optimizer steps taken
+            # entropy per completion token: from the old-log-prob pass when there was one, else added in phase 4
+            "entropy_sum": sum(float(s["entropy"].sum()) for s in seqs if "entropy" in s),
+            "entropy_tokens": sum(len(s["completion"]) for s in seqs),
+        }
+        for _ in range(cfg.ppo_epochs):
+            order = seqs[:]
+            random.Random(hash_seed(cfg.seed, step, rank)).shuffle(order)
+            for m in range(cfg.mini_batches):
+                mini = order[m::cfg.mini_batches]
+                n_tok = all_sum(sum(len(s["completion"]) for s in mini), device)
+                if n_tok == 0:
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss_before = stats["loss"]
+                mbs = micro_batches(mini, packed, cfg.micro_tokens, device)  # the same count on every rank
+                for i, mb in enumerate(mbs):
+                    # gradients accumulate unsharded; one reduce-scatter after the mini-batch's last micro-batch
+                    policy.set_requires_gradient_sync(not cfg.grad_sync_last or i == len(mbs) - 1)
+                    backward_micro_batch(policy, mb, n_tok, stats, cfg, world, packed, device)
+                norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                # one decision for all ranks, per mini-batch: a NaN/inf never reaches the weights
+                bad = not (math.isfinite(norm) and math.isfinite(stats["loss"] - loss_before))
+                if any_rank(bad, device):
+                    stats["skipped"] += 1
+                    stats["loss"] = loss_before if math.isfinite(loss_before) else 0.0
+                else:
+                    opt.step()
+                    stats["grad_norm"].append(norm)
+                    stats["steps"] += 1
+                opt.zero_grad(set_to_none=True)  # free the gradients before the push and the next rollout
+
+        # 5) push weights, log, checkpoint
+        # the push wakes vLLM in the safe order (weights, push, KV cache, prefix reset); HF: copy, then move
+        push_weights(engine, policy, device)
+        engine.wake()
+        t_update = time.time() - t2
+        done = step + 1
+        records = rollout_records(batch, outs, group_rewards)
+        samples = [{"step": done, "id": row.get("id"), "answers": row.get("answers"), "response": outs[i][0].text,
+                    "reward": float(group_rewards[i][0])} for i, row in enumerate(batch[:cfg.log_samples])]
+        t_step = time.time() - t0
+        records = [r for part in gather(records) for r in part]  # every rank's
+        samples = [s for part in gather(samples) for s in part]
+        last = log_line(done, records, dropped, len(batch), stats, t_gen, t_update, t_step, device)
+        if rank == 0:
+            write_logs(out, done, last, records, samples)
+            if wb:
+                wb.log(last, step=done)
+        bar.update(1)
+        bar.set_postfix(reward=f"{last['reward']:.3f}", kl=f"{last['kl']:.4f}")
+        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+            save_checkpoint(out, done, policy, opt, cfg)  # via a .tmp folder: a crash mid-save spoils nothing
+        if cfg.stop_after and done - start >= cfg.stop_after:  # tests: stop as a crash would (no final save)
+            return last
+    bar.close()
+    save_checkpoint(out, done, policy, opt, cfg)
+    if cfg.export:
+        export(policy, tok, out / "hf", device)
+    if wb:
+        wb.finish()
+    return last
 
 
 def main(argv: list[str]) -> int:
     cfg = keychain.parse_config(Config, argv, __doc__)
-    trainer = Trainer(cfg)
-    last = trainer.run()
-    if trainer.rank == 0 and last:  # one line; every number is in out_dir/log.jsonl
+    last = train(cfg)
+    if dist.get_rank() == 0 and last:  # one line; every number is in out_dir/log.jsonl
         print(f"{cfg.out_dir}: step {last['step']}, reward {last['reward']:.3f}, optimizer steps this step "
               f"{last['optimizer_steps']}, dropped groups {last['dropped_groups']}/{last['groups']}")
     finish()

@@ -1,4 +1,4 @@
-"""Seconds per GRPO step on the CPU: grpo.py's Trainer against TRL's GRPOTrainer, same model, prompts, reward.
+"""Seconds per GRPO step on the CPU: grpo.py's train() against TRL's GRPOTrainer, same model, prompts, reward.
 
     python bench/bench_step.py --tokenizer=../shared/qwen2.5-tokenizer          # ours, and TRL when importable
     python bench/bench_step.py --tokenizer=../shared/qwen2.5-tokenizer --trl=false --rounds=1
@@ -91,8 +91,7 @@ def run_ours(cfg: Config, d: Path) -> dict:
                        steps=cfg.steps, batch_prompts=cfg.prompts, group=cfg.group, max_new_tokens=cfg.new_tokens,
                        max_prompt_tokens=4096, kl_coef=cfg.kl, drop_equal_groups=False, save_every=0,
                        export=False, resume=False, log_samples=0, seed=cfg.seed, device="cpu")
-    tr = grpo.Trainer(gcfg, reward_fn=lambda rows, texts: [(r, {}) for r in reward(texts)])
-    tr.run()
+    grpo.train(gcfg, reward_fn=lambda rows, texts: [(r, {}) for r in reward(texts)])
     lines = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     grpo.finish()
     return {"step_s": [x["t_step"] for x in lines], "gen_s": [x["t_gen"] for x in lines],

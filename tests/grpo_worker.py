@@ -19,6 +19,5 @@ def share_of_lowercase(rows, texts):
 
 if __name__ == "__main__":
     cfg = keychain.parse_config(grpo.Config, sys.argv[1:], __doc__)
-    trainer = grpo.Trainer(cfg, reward_fn=share_of_lowercase)
-    trainer.run()
+    grpo.train(cfg, reward_fn=share_of_lowercase)
     grpo.finish()

@@ -215,15 +215,23 @@ def test_learning_raises_the_reward(rows_file, tmp_path):
     assert end > max(0.4, 2 * start), rew
 
 
-def test_nan_reward_skips_the_step(rows_file, tmp_path):
+def test_nan_reward_skips_the_step(rows_file, tmp_path, monkeypatch):
     cfg = grpo.Config(data=rows_file, out_dir=str(tmp_path / "nan"), model="tiny", batch_prompts=2, group=4,
                       max_new_tokens=8, steps=1, kl_coef=0.0, drop_equal_groups=False, export=False, seed=5)
-    tr = grpo.Trainer(cfg, reward_fn=lambda rows, texts: [(math.nan if i == 0 else float(i % 2), {})
+    loaded, before = [], {}
+    load_models = grpo.load_models
+
+    def keep_policy(*args):  # the policy train() builds, and its weights before any step
+        policy, ref, engine = load_models(*args)
+        loaded.append(policy)
+        before.update({k: v.clone() for k, v in policy.state_dict().items()})
+        return policy, ref, engine
+
+    monkeypatch.setattr(grpo, "load_models", keep_policy)
+    last = grpo.train(cfg, reward_fn=lambda rows, texts: [(math.nan if i == 0 else float(i % 2), {})
                                                           for i in range(len(texts))])
-    before = {k: v.clone() for k, v in tr.policy.state_dict().items()}
-    last = tr.run()
     assert last["skipped_steps"] == 1
-    assert all(torch.equal(before[k], v) for k, v in tr.policy.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in loaded[0].state_dict().items())
     assert (tmp_path / "nan" / "rollouts" / "step_000001.jsonl").exists()
 
 
@@ -334,7 +342,7 @@ def test_gpu_bf16_fsdp2_logprobs_match_fp32(tiny_tok):
     assert isinstance(grpo.flash_attn_ok(device), bool)
 
 
-def clean_env():  # without the torchrun variables an in-process Trainer of an earlier test left behind
+def clean_env():  # without the torchrun variables an in-process train() of an earlier test left behind
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
@@ -359,40 +367,53 @@ def test_gpu_check_skips_without_a_gpu():
     assert r.returncode == 0 and r.stdout.strip() == "gpu_check: no GPU (torch.cuda.is_available() is False): skipped"
 
 
-def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_path):
+def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_path, monkeypatch):
     """One optimizer step per rollout batch: old log-probs = detached current ones give the same loss, KL,
-    importance weights and gradient as a separate old-log-prob forward, and update() skips that forward.
+    importance weights and gradient as a separate old-log-prob forward, and train() skips that forward.
     The skipping path runs first: an old-log-prob forward after a backward once doubled the FSDP2 root's
     gradients (parameters left gathered)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     cfg = grpo.Config(data=rows_file, out_dir=str(tmp_path / "skip"), model="tiny", batch_prompts=2, group=2,
                       max_new_tokens=4, steps=1, kl_coef=0.05, tis_cap=1.5, entropy_coef=0.01, export=False,
                       resume=False, seed=5)
-    tr = grpo.Trainer(cfg)
+    _, world, device = grpo.init_distributed(cfg)
+    tok = kc.load_tokenizer("", tmp_dir=str(tmp_path / "tok"))  # what train() loads for --model=tiny
+    policy, ref, _ = grpo.load_models(cfg, tok, "hf", init_device_mesh("cpu", (world,)), device)
+    packed = False  # no flash-attn on the CPU: train() takes padded rows
     g = torch.Generator().manual_seed(1)
     seqs = [{"prompt": torch.randint(0, 250, (6 + 5 * i,), generator=g).tolist(),
              "completion": torch.randint(0, 250, (3 + 2 * i,), generator=g).tolist(), "adv": (-1.0) ** i * (i + 1),
              "engine_lp": -5.5 + 0.3 * torch.randn(3 + 2 * i, generator=g)} for i in range(4)]
-    tr.score_logps(tr.ref, seqs, "ref")
+    grpo.score_logps(ref, seqs, "ref", packed, cfg.micro_tokens, device)
     for s in seqs:  # the reference starts as a copy of the policy: move it so that the KL term is not zero
         s["ref"] = s["ref"] + 0.3 * torch.randn(len(s["ref"]), generator=g)
     n_tok = sum(len(s["completion"]) for s in seqs)
 
     def grads(batch):
-        tr.policy.zero_grad(set_to_none=True)
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy": [0.0, 0]}
-        for mb in tr.micro_batches(batch):
-            tr._backward(mb, n_tok, stats)
-        return stats, [p.grad.full_tensor().clone() for p in tr.policy.parameters()]
+        policy.zero_grad(set_to_none=True)
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy_sum": 0.0}
+        for mb in grpo.micro_batches(batch, packed, cfg.micro_tokens, device):
+            grpo.backward_micro_batch(policy, mb, n_tok, stats, cfg, world, packed, device)
+        return stats, [p.grad.full_tensor().clone() for p in policy.parameters()]
 
     skip_stats, skip = grads([dict(s) for s in seqs])
     with_old = [dict(s) for s in seqs]
-    tr.score_logps(tr.policy, with_old, "old")
+    grpo.score_logps(policy, with_old, "old", packed, cfg.micro_tokens, device)
     old_stats, full = grads(with_old)
     assert skip_stats["loss"] == pytest.approx(old_stats["loss"], rel=1e-5, abs=1e-7)
     assert skip_stats["kl"] == pytest.approx(old_stats["kl"], rel=1e-5) and skip_stats["kl"] > 0
-    assert skip_stats["entropy"][0] == pytest.approx(sum(float(s["entropy"].sum()) for s in with_old), rel=1e-5)
+    assert skip_stats["entropy_sum"] == pytest.approx(sum(float(s["entropy"].sum()) for s in with_old), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(skip, full))
     assert any(a.abs().sum() > 0 for a in skip)
-    batch = [dict(s) for s in seqs]
-    tr.update(batch)
-    assert all("old" not in s for s in batch)  # mini_batches = ppo_epochs = 1: no old-log-prob forward
+    scored = []  # the no-gradient passes of a real step: (key, sequences)
+    score_logps = grpo.score_logps
+
+    def keep_scored(model, batch, key, *args):
+        scored.append((key, batch))
+        return score_logps(model, batch, key, *args)
+
+    monkeypatch.setattr(grpo, "score_logps", keep_scored)
+    grpo.train(cfg)  # mini_batches = ppo_epochs = 1: no old-log-prob forward, the reference's alone
+    assert all("old" not in s for _, batch in scored for s in batch)
+    assert [key for key, _ in scored] == ["ref"]

@@ -8,7 +8,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -137,14 +136,14 @@ def test_resume_cuts_logs_back_to_the_checkpoint_and_drops_a_torn_line(tmp_path,
                                               for s in (1, 2, 3, 4) for i in "ab"))
     for s in (1, 2, 3, 4):
         kc.write_rows(out / "rollouts" / f"step_{s:06d}.jsonl", [{"step": s}])
-    grpo.Trainer.trim_logs(SimpleNamespace(out=out, step=2))
+    grpo.trim_logs(out, 2)
     assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert [r["step"] for r in kc.read_rows(out / "mining.jsonl")] == [1, 1, 2, 2]
     assert sorted(p.name for p in (out / "rollouts").iterdir()) == ["step_000001.jsonl", "step_000002.jsonl"]
     said = capsys.readouterr().out.strip().splitlines()
     assert said == [f"{out}: continuing at step 2: removed 8 log lines and 2 rollout files written after it "
                     "(or torn by a crash)"]
-    grpo.Trainer.trim_logs(SimpleNamespace(out=out, step=2))  # nothing left to cut: silent
+    grpo.trim_logs(out, 2)  # nothing left to cut: silent
     assert capsys.readouterr().out == ""
 
 
