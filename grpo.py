@@ -527,7 +527,8 @@ def make_engine(cfg: Config, kind: str, lm: nn.Module, tok, device: torch.device
 # ----------------------------------------------------------------------------- one step's pieces
 def batch_indices(step: int, n: int, batch_prompts: int, seed: int) -> list[int]:
     """Rows of step `step`: a seeded permutation per epoch; step s takes positions [s*B, (s+1)*B) of the stream."""
-    B, perms = batch_prompts, {}
+    B = batch_prompts
+    perms = {}
     for epoch in {pos // n for pos in range(step * B, (step + 1) * B)}:
         perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
     return [int(perms[pos // n][pos % n]) for pos in range(step * B, (step + 1) * B)]
@@ -884,7 +885,8 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
         group_rewards = [torch.tensor([float(s[0]) for s in scored[i * G:(i + 1) * G]]) for i in range(len(batch))]
 
         # 2) group advantages; a group whose G rewards are all equal carries no signal (dropped unless told not to)
-        seqs, dropped = [], 0
+        seqs: list[dict] = []  # what the update trains on: the completions of groups with a signal
+        dropped = 0
         for prompt, comps, r in zip(prompts, outs, group_rewards):
             adv = group_advantages(r[None], cfg.adv_std)[0]
             equal = bool((r == r[0]).all())
