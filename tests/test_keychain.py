@@ -384,6 +384,10 @@ def test_cli_synth_jsonl_and_parquet(raw, tiny_tok, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
     h = subprocess.run([sys.executable, "keychain.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert h.returncode == 0 and "--max_tokens=16384" in h.stdout
+    lines = h.stdout.splitlines()  # a group header, then its first option with the reason from the dataclass
+    i = lines.index(" chains")
+    assert lines[i + 1].split()[0] == "--chains=0" and "one per 1,024 tokens of L" in lines[i + 1]
+    assert set(kc.option_comments(kc.Config)) == {f.name for f in dataclasses.fields(kc.Config)}
     bad = subprocess.run([sys.executable, "keychain.py", "synth", "--nope=1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown option --nope" in bad.stderr
 
