@@ -427,7 +427,7 @@ def ruler_row(i: int, sents: list[str], sent_tok: list[int], tok, cfg: Config, s
         hay.append(sents[j])
         used += sent_tok[j]
         j = (j + 1) % len(sents)
-    if len(hay) < 2:
+    if len(hay) < max(2, len(needles) - 1):  # each needle needs its own gap between sentences
         return None, "haystack budget too small"
     at = sorted(rng.sample(range(len(hay) + 1), len(needles)))
     for pos, nd in zip(reversed(at), reversed(needles)):  # from the back, so earlier positions stay valid

@@ -453,6 +453,12 @@ def test_ruler_defaults_match_the_20key_20value_files(tiny_tok):
         assert len(r["answers"]) == (1 if r["mode"] == "multikey" else 20)
 
 
+def test_ruler_too_short_for_its_needles_is_skipped_not_a_crash(tiny_tok):
+    rows, stats = kc.synth(kc.Config(kind="ruler", n=3, max_tokens=2048), tiny_tok)  # 20 needles fill 2K bytes
+    assert rows == [] and stats["skip: haystack budget too small"] == 3
+    assert len(kc.synth(kc.Config(kind="ruler", n=3, max_tokens=2048, needles=4), tiny_tok)[0]) == 3
+
+
 RELEASED_SOURCES = ["hotpotqa_keychain", "musique", "book_20key_10k_512", "book_20value_10k_512", "needle_sentence",
                     "math_dapo", "mathqa"]
 
