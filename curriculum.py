@@ -18,7 +18,6 @@ train.sh runs these around grpo.py. A run directory shows what happened:
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
