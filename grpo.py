@@ -1,4 +1,4 @@
-"""GRPO trainer: one stage of LoongRL training, from a rows file to a trained checkpoint (LoongRL, arXiv 2510.19363:
+r"""GRPO trainer: one stage of LoongRL training, from a rows file to a trained checkpoint (LoongRL, arXiv 2510.19363:
 the GRPO recipe; the authors' verl fork).
 
     python grpo.py --data=runs/tiny/data/warmup.jsonl --model=tiny --out_dir=runs/grpo-cpu --device=cpu \
@@ -78,15 +78,15 @@ class Config:
     grad_ckpt: bool = True  # non-reentrant activation checkpointing of the decoder layers
     offload: bool = False  # FSDP2 CPU offload of the policy's parameters, gradients and optimizer
     ref_offload: bool = True  # CPU offload of the reference model (GPU)
-    grad_sync_last: bool = True  # reduce-scatter once per mini-batch, after its last micro-batch: each rank then
-    # holds unsharded fp32 gradients (4 B x parameters: 30 GB at 7B) until it; false: after every micro-batch
+    grad_sync_last: bool = True  # reduce-scatter once per mini-batch, after its last micro-batch (false: after each)
+    # until then each rank holds unsharded fp32 gradients (4 B x parameters: 30 GB at 7B)
     meta_load: bool = True  # with --engine=vllm: build on the meta device, rank 0 loads and broadcasts the shards
-    # -- engine
+    # -- engine and devices
     engine: str = "auto"  # auto (vllm on GPU when installed, else hf) | hf | vllm
     tp: int = 2  # vLLM tensor parallel size (the authors' rollouts: 2-4); must divide the world size
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU (weights + KV cache); the rest is training's
-    device: str = "auto"  # auto | cpu | cuda
-    timeout_hours: float = 3.0  # collective timeout
+    device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
+    timeout_hours: float = 3.0  # collective timeout: ranks wait in barriers while rank 0 exports or others generate
     # -- checkpoints and logging
     out_dir: str = "runs/grpo"  # ckpt/, hf/ (the final policy), log.jsonl, mining.jsonl, rollouts/
     save_every: int = 10  # steps between checkpoints (0 = only at the end)
@@ -190,11 +190,13 @@ class Policy(nn.Module):
 
     def __init__(self, lm: nn.Module, chunk: int = 128):
         super().__init__()
-        self.lm, self.chunk = lm, chunk
+        self.lm = lm
+        self.chunk = chunk  # completion positions whose logits exist at once
 
     def forward(self, input_ids, position_ids, at, targets, loss_fn: Callable | None = None):
         h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        h, w = h.flatten(0, 1)[at], self.lm.lm_head.weight  # hidden states that predict the targets (`at`: flat)
+        h = h.flatten(0, 1)[at]  # hidden states that predict the targets (`at`: flat positions)
+        w = self.lm.lm_head.weight
         if loss_fn is not None:
             return FusedLogpLoss.apply(h, w, targets, self.chunk, loss_fn)
         lps, ents = [], []
@@ -338,9 +340,11 @@ def pack(lengths: list[int], budget: int) -> list[list[int]]:
 def packed_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor, ...]:
     """One row of concatenated prompt+completion tokens; positions restart per sequence, so attention stays
     inside each sequence (transformers derives the block-diagonal mask / varlen lengths from position_ids)."""
-    ids, pos, at, tgt, off = [], [], [], [], 0
+    ids, pos, at, tgt = [], [], [], []
+    off = 0  # where the sequence starts in the row
     for s in seqs:
-        full, p = s["prompt"] + s["completion"], len(s["prompt"])
+        full = s["prompt"] + s["completion"]
+        p = len(s["prompt"])
         ids += full
         pos += range(len(full))
         at += range(off + p - 1, off + len(full) - 1)
@@ -371,7 +375,8 @@ def padded_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor,
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
     at, tgt = [], []
     for i, s in enumerate(seqs):
-        full, p = s["prompt"] + s["completion"], len(s["prompt"])
+        full = s["prompt"] + s["completion"]
+        p = len(s["prompt"])
         ids[i, :len(full)] = torch.tensor(full)
         at += range(i * width + p - 1, i * width + len(full) - 1)
         tgt += s["completion"]
@@ -417,7 +422,6 @@ def all_sum(x: float, device: torch.device, op=dist.ReduceOp.SUM) -> float:
 
 def all_max(x: float, device: torch.device) -> float:
     return all_sum(x, device, dist.ReduceOp.MAX)
-
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -729,10 +733,12 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt: torch.optim.Optim
     final = out / "ckpt" / f"step_{step:06d}"
     if final.exists():
         return
+    # 1) a fresh temporary folder (a crash may have left one half written)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     dist.barrier()
+    # 2) every rank writes its shards; rank 0 the step, every rank's RNG and the config
     msd, osd = get_state_dict(policy, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
     rngs = gather(torch.get_rng_state())  # one file for any world size: every rank's RNG, indexed by rank
@@ -740,6 +746,7 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt: torch.optim.Optim
         extra = {"step": step, "torch_rng": rngs, "world": dist.get_world_size(), "config": asdict(cfg)}
         torch.save(extra, tmp / "extra.pt")
     dist.barrier()
+    # 3) the rename makes it a checkpoint; older ones beyond cfg.keep go
     if rank == 0:
         os.replace(tmp, final)
         done = checkpoints(out)
@@ -903,6 +910,7 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
         # 3) old and reference log-probs, no gradient. One optimizer step per batch (mini_batches = ppo_epochs
         # = 1): the old policy is the current one, so the ratio is exactly 1 and the detached current log-probs
         # serve as old ones, without this forward (TRL does the same with one iteration per generation)
+        # score_logps: dummy micro-batches keep the ranks in step, and it reshards after its no-grad forward
         policy.train()
         if cfg.mini_batches > 1 or cfg.ppo_epochs > 1:
             score_logps(policy, seqs, "old", packed, cfg.micro_tokens, device)
