@@ -1,4 +1,4 @@
-"""Trainer update throughput: grpo.py's update (FSDP2, packing, fused chunked log-probs, GRPO loss, AdamW) on
+"""Update throughput: phase 4 of grpo.train, the update (FSDP2, packing, fused chunked log-probs, GRPO loss, AdamW) on
 random sequences, with update tokens/s, MFU and peak memory beside the README's memory estimate.
 
     python bench/bench_train.py                          # GPU: random Qwen2 of Qwen2.5-0.5B's shape, bf16, 16K packing
