@@ -139,21 +139,32 @@ def manifest(cfg: Config, raw: dict[str, str], run: Path | None = None) -> dict:
             "code": hashlib.sha256(code).hexdigest()[:16]}
 
 
+def kept_inputs(run: Path, raw: dict[str, str], keep) -> dict[str, str]:
+    """The raw files with each QA source replaced by the items `keep(src, items) -> (kept, message)` keeps,
+    written to run/data/filter/<src>.jsonl (synthesis reads them like any items file)."""
+    out = dict(raw)
+    for src in QA_SOURCES:
+        items, _ = keychain.load_items(raw[src], source=src)
+        kept, message = keep(src, items)
+        print(message)
+        out[src] = str(run / "data" / "filter" / f"{src}.jsonl")
+        keychain.write_rows(out[src], kept)
+    return out
+
+
 def filtered_inputs(cfg: Config, run: Path, raw: dict[str, str]) -> dict[str, str]:
-    """The QA sources' items kept by the difficulty filter (lo..hi of G correct), one items file per source."""
+    """The QA sources' items kept by the difficulty filter (lo..hi of G correct)."""
     path = counts_path(cfg, run)
     if not path.exists():
         raise SystemExit(f"no pass counts at {path}: run `curriculum.py filter` first (train.sh does) or set FILTER_COUNTS")
     counts = keychain.read_counts(str(path))
-    out = dict(raw)
-    for src in QA_SOURCES:
-        items, _ = keychain.load_items(raw[src], source=src)
+
+    def keep(src: str, items: list[dict]) -> tuple[list[dict], str]:
         mine = {i.split("/", 1)[1]: c for i, c in counts.items() if i.startswith(src + "/")}
         kept, stats = keychain.filter_items(items, mine, cfg.filter_lo, cfg.filter_hi)
-        print(f"difficulty filter {src}: {stats}")
-        out[src] = str(run / "data" / "filter" / f"{src}.jsonl")
-        keychain.write_rows(out[src], kept)
-    return out
+        return kept, f"difficulty filter {src}: {stats}"
+
+    return kept_inputs(run, raw, keep)
 
 
 def guessable(items: list[dict]) -> list[dict]:
@@ -174,14 +185,11 @@ def guessable_inputs(run: Path, raw: dict[str, str]) -> dict[str, str]:
     """The tiny preset's stand-in for the difficulty filter (which keeps what the filter model solves 1..6 of 8):
     its QA sources keep the guessable items, so GRPO sees groups with unequal rewards in every stage, each with
     its near documents only, so that L=4096 holds it (MuSiQue's 20 paragraphs would not fit)."""
-    out = dict(raw)
-    for src in QA_SOURCES:
-        items, _ = keychain.load_items(raw[src], source=src)
+    def keep(src: str, items: list[dict]) -> tuple[list[dict], str]:
         kept = [near_docs(it) for it in guessable(items)]
-        print(f"tiny: {src}: kept the {len(kept)} yes/no questions of {len(items)} items")
-        out[src] = str(run / "data" / "filter" / f"{src}.jsonl")
-        keychain.write_rows(out[src], kept)
-    return out
+        return kept, f"tiny: {src}: kept the {len(kept)} yes/no questions of {len(items)} items"
+
+    return kept_inputs(run, raw, keep)
 
 
 def prepare(cfg: Config, run: Path) -> dict[str, Path]:

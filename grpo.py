@@ -839,8 +839,6 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
     if left_out > 0.02 * len(all_rows):
         raise SystemExit(f"{cfg.data}: {left_out} of {len(all_rows)} rows (over 2%) exceed --max_prompt_tokens="
                          f"{cfg.max_prompt_tokens}; raise it or rebuild the data")
-    if not rows:
-        raise SystemExit(f"{cfg.data}: no rows")
     reward_cfg = rewards.Config(qa_metric=cfg.qa_metric, qa_rule=cfg.qa_rule)
     # (rows, texts, finish reasons) -> [(reward, diag)]; a reward_fn given here reads rows and texts only
     if reward_fn:
@@ -851,9 +849,7 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
     # flash-attn varlen: one packed row per micro-batch; SDPA: length-grouped padded rows (see padded_inputs)
     packed = getattr(policy.lm.config, "_attn_implementation", None) == "flash_attention_2"
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total = cfg.steps or cfg.epochs * (len(rows) // cfg.batch_prompts)
-    if total <= 0:
-        raise SystemExit(f"{cfg.data}: {len(rows)} rows are fewer than one batch of {cfg.batch_prompts}")
+    total = cfg.steps or cfg.epochs * (len(rows) // cfg.batch_prompts)  # >= 1: check_inputs saw a batch fit
     start = 0
     found = checkpoints(out) if cfg.resume else []
     if found:
