@@ -63,6 +63,8 @@ class Config:
     drop_equal_groups: bool = True  # all-equal rewards carry no signal
     clip_low: float = 0.2  # ratio clipped below at 1 - clip_low: 0.2 in the authors' code
     clip_high: float = 0.2  # ratio clipped above at 1 + clip_high: 0.2 there too (DAPO's clip-higher raises it)
+    dual_clip: float = 3.0  # > 1: a token with A < 0 loses at most dual_clip x |A| (verl's clip_ratio_c = 3); 0 = off
+    max_log_ratio: float = 20.0  # log(p / p_old) clamped to +-this before exp, as in verl (fp32 exp(89) = inf); 0 = off
     kl_coef: float = 0.001  # k3 KL to the frozen reference, as a loss term (the paper's 0.001); 0 = no reference model
     entropy_coef: float = 0.0  # entropy bonus: 0 in the paper's final runs
     tis_cap: float = 0.0  # > 0: truncated importance weights min(p_train / p_engine, cap) on the surrogate
@@ -101,7 +103,8 @@ class Config:
 
 # ----------------------------------------------------------------------------- loss pieces (plain functions)
 def group_advantages(r: torch.Tensor, use_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """r: [groups, G] rewards -> advantages (r - mean) / (std + eps), or r - mean (Dr.GRPO)."""
+    """r: [groups, G] rewards -> advantages (r - mean) / (std + eps), or r - mean (Dr.GRPO). G >= 2: one reward
+    has no baseline and a NaN std (check_inputs refuses --group=1)."""
     a = r - r.mean(-1, keepdim=True)
     return a / (r.std(-1, keepdim=True) + eps) if use_std else a
 
@@ -112,12 +115,21 @@ def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (d.exp() - d - 1).clamp(-10, 10)
 
 
-def policy_loss(logp, old, adv, clip_low, clip_high, is_weight=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token clipped surrogate -min(r A, clip(r) A) and whether the clip was active."""
-    ratio = (logp - old).exp()
+def policy_loss(logp, old, adv, clip_low, clip_high, is_weight=None, dual_clip: float = 3.0,
+                max_log_ratio: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate -min(r A, clip(r) A) and whether the clip was active. Off-policy guards as in
+    verl's compute_policy_loss_vanilla (only mini-batches after the first of a rollout batch are off-policy):
+    the log-ratio is clamped before exp, and a token with A < 0 loses at most dual_clip x |A| (dual-clip PPO,
+    arXiv 1912.09729). Without them one stale token at log-ratio 100 makes the loss inf, and the mini-batch is lost."""
+    log_ratio = logp - old
+    if max_log_ratio > 0:  # also keeps the gradient finite where the dual clip cuts it (0 x exp(100) is NaN)
+        log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)
+    ratio = log_ratio.exp()
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
+    if dual_clip > 0:  # A >= 0 is bounded already: the clip holds r A at (1 + clip_high) A
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
     if is_weight is not None:
         loss = loss * is_weight
     return loss, (clipped > unclipped).float()
@@ -440,7 +452,8 @@ def hash_seed(*parts: int) -> int:
 # ----------------------------------------------------------------------------- setup pieces
 POSITIVE = ("batch_prompts", "group", "epochs", "max_prompt_tokens", "max_new_tokens", "micro_tokens", "logit_chunk",
             "mini_batches", "ppo_epochs", "keep", "timeout_hours")
-NON_NEGATIVE = ("steps", "save_every", "log_samples", "stop_after", "lr", "kl_coef", "grad_clip", "tis_cap")
+NON_NEGATIVE = ("steps", "save_every", "log_samples", "stop_after", "lr", "kl_coef", "grad_clip", "tis_cap",
+                "max_log_ratio")
 
 
 def check_inputs(cfg: Config) -> list[dict]:
@@ -449,6 +462,12 @@ def check_inputs(cfg: Config) -> list[dict]:
     # 1) settings
     bad = [f"--{k}={getattr(cfg, k)} must be positive" for k in POSITIVE if not getattr(cfg, k) > 0]
     bad += [f"--{k}={getattr(cfg, k)} must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    # one completion is no group: its std is NaN, and verl's stand-in (mean 0, std 1) trains on the raw reward,
+    # a baseline-free REINFORCE that --drop_equal_groups would drop anyway (TRL refuses it too)
+    if cfg.group == 1:
+        bad.append("--group=1 must be at least 2: GRPO's baseline is the mean reward of the prompt's group")
+    if cfg.dual_clip != 0 and cfg.dual_clip <= 1:  # a cap at |A| or below cuts on-policy tokens (verl asserts > 1)
+        bad.append(f"--dual_clip={cfg.dual_clip} must be 0 (off) or above 1")
     if cfg.qa_rule not in rewards.QA_RULES or cfg.qa_metric not in rewards.QA_METRICS:
         bad.append(f"--qa_rule={cfg.qa_rule} / --qa_metric={cfg.qa_metric}: one of {rewards.QA_RULES} / {rewards.QA_METRICS}")
     if bad:
@@ -596,7 +615,7 @@ def backward_micro_batch(policy: Policy, mb: list[dict], n_tok: float, stats: di
         w = None
         if engine_lp is not None:  # trainer vs engine kernels: correct the surrogate with capped importance weights
             w = (old_sl - engine_lp[sl]).exp().clamp(max=cfg.tis_cap)
-        loss = policy_loss(lp, old_sl, adv[sl], cfg.clip_low, cfg.clip_high, w)[0]
+        loss = policy_loss(lp, old_sl, adv[sl], cfg.clip_low, cfg.clip_high, w, cfg.dual_clip, cfg.max_log_ratio)[0]
         if ref is not None:
             loss = loss + cfg.kl_coef * kl_k3(lp, ref[sl])
         return (loss - cfg.entropy_coef * ent).sum() * scale
@@ -609,7 +628,8 @@ def backward_micro_batch(policy: Policy, mb: list[dict], n_tok: float, stats: di
     stats["loss"] += loss.item() / world
     if ref is not None:
         stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok
-    stats["clip_frac"] += policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)[1].sum().item() / n_tok
+    clip = policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high, None, cfg.dual_clip, cfg.max_log_ratio)[1]
+    stats["clip_frac"] += clip.sum().item() / n_tok
     stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
 
 

@@ -44,6 +44,31 @@ def test_policy_loss_clipping_exact():
     assert torch.allclose(grpo.policy_loss(logp, old, adv, 0.2, 0.28, w)[0], torch.tensor([-0.64, 1.5, -1.0, 0.8]))
 
 
+def test_policy_loss_clamps_the_log_ratio_and_dual_clips_like_verl():
+    """Stale tokens (off-policy mini-batches): verl's defaults clamp the log-ratio to +-20 and cap the loss of a
+    token with A < 0 at 3 |A|; the loss and its gradient stay finite. Both off: the old inf loss, NaN gradient."""
+    log_ratio = torch.tensor([100.0, 100.0, -100.0, -100.0, 1.5, 30.0, 0.1])
+    adv = torch.tensor([-1.0, 1.0, -1.0, 1.0, -2.0, -0.5, -1.0])
+    logp = log_ratio.clone().requires_grad_()
+    loss, clipped = grpo.policy_loss(logp, torch.zeros(7), adv, 0.2, 0.2)
+    loss.sum().backward()
+    e = math.exp
+    # A < 0 at ratio e^20 (clamped from e^100) and e^1.5: capped at 3 |A|; A > 0: the usual clip at 1.2
+    # A < 0 at ratio e^-20: the clip's 0.8; A > 0 at e^-20: r A itself; an in-range token keeps r |A|
+    want = torch.tensor([3.0, -1.2, 0.8, -e(-20), 6.0, 1.5, e(0.1)])
+    assert torch.allclose(loss.detach(), want, rtol=1e-6, atol=0)
+    assert clipped.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    # only the in-range token moves: the capped, clipped and clamped ones have zero gradient, not NaN
+    assert torch.allclose(logp.grad, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, e(0.1)]), rtol=1e-6, atol=0)
+    for dual_clip, clamp in ((0.0, 0.0), (3.0, 0.0)):  # no clamp: exp(100) = inf in fp32, and 0 x inf = NaN
+        logp.grad = None
+        loss, _ = grpo.policy_loss(logp, torch.zeros(7), adv, 0.2, 0.2, dual_clip=dual_clip, max_log_ratio=clamp)
+        loss.sum().backward()
+        assert loss[0].item() == (math.inf if dual_clip == 0 else 3.0) and logp.grad.isnan().any()
+    loss, _ = grpo.policy_loss(logp, torch.zeros(7), adv, 0.2, 0.2, dual_clip=0.0)  # clamp alone: e^20, finite
+    assert loss[0].item() == pytest.approx(e(20), rel=1e-6)
+
+
 def test_pack_respects_the_token_budget():
     lengths = [5, 9, 3, 12, 7, 1, 20]
     bins = grpo.pack(lengths, 12)
@@ -129,6 +154,31 @@ def test_chunked_logprobs_and_grads_equal_full(lm):
     with torch.no_grad():  # the no-gradient path (old and reference log-probs) agrees as well
         lp3, ent3 = grpo.Policy(lm, chunk=5)(*inputs)
     assert torch.allclose(lp3, lp, atol=1e-5) and torch.allclose(ent3, ent, atol=1e-5)
+
+
+def test_stale_old_logprobs_keep_the_mini_batch_finite(tiny_tok):
+    """A mini-batch after the first scores against old log-probs from before the last update: a token 100 nats
+    more likely now, with A < 0, costs 3 |A| (verl's defaults reach backward_micro_batch), not inf."""
+    lm = rollout.tiny_model(len(tiny_tok), seed=0)
+    policy = grpo.Policy(lm, chunk=16)
+    seqs = seqs_for()
+    with torch.no_grad():
+        lp, _ = policy(*grpo.padded_inputs(seqs, torch.device("cpu")))
+    n = [len(s["completion"]) for s in seqs]
+    for s, a, shift, old in zip(seqs, (-1.0, 1.0, -1.0), (-100.0, 0.0, 0.0), lp.split(n)):
+        s.update(adv=a, old=old + shift)
+
+    def run(**opts):
+        cfg = grpo.Config(kl_coef=0.0, **opts)
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy_sum": 0.0}
+        lm.zero_grad()
+        grpo.backward_micro_batch(policy, seqs, sum(n), stats, cfg, 1, False, torch.device("cpu"))
+        return stats["loss"], [p.grad for p in lm.parameters()]
+
+    loss, grads = run()
+    assert loss == pytest.approx((3 * n[0] - n[1] + n[2]) / sum(n), rel=1e-5)  # 3 |A|, -r A, -r A at r = 1
+    assert all(g.isfinite().all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert run(dual_clip=0.0, max_log_ratio=0.0)[0] == math.inf  # without the guards: the old skipped mini-batch
 
 
 # ----------------------------------------------------------------------------- whole runs
