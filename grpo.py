@@ -53,7 +53,7 @@ class Config:
     # -- sampling: the paper's rollouts (arXiv 2510.19363, training setup)
     group: int = 8  # G: completions per prompt
     max_new_tokens: int = 4096  # the paper's output budget; a completion cut at it scores 0 (reward.py)
-    temperature: float = 1.0  # the paper's T = 1: samples from the policy itself (--tis_cap needs it)
+    temperature: float = 1.0  # the paper's T = 1; the trainer scores logits / T too, like verl and TRL (--tis_cap: 1)
     top_p: float = 1.0  # no nucleus cut, as in the authors' code (--tis_cap needs 1.0 too)
     # -- reward
     qa_metric: str = "sub_em"  # QA match (reward.py): two-way substring, what the paper's final runs used
@@ -140,10 +140,11 @@ class FusedLogpLoss(torch.autograd.Function):
     """Chunked log-probs fused with a per-token loss. Each chunk's logits live only inside its loop iteration:
     the per-token loss depends on that token's log-prob and entropy alone, so its gradient with respect to
     the chunk's logits, hence to the hidden states and lm_head, is taken right there in forward. Nothing is
-    recomputed in backward, which only scales the stored gradients."""
+    recomputed in backward, which only scales the stored gradients. `temperature`: log-probs and entropies of
+    logits / T, the distribution the engine sampled from (verl and TRL divide the logits the same way)."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, chunk, loss_fn):
+    def forward(ctx, h, w, targets, chunk, loss_fn, temperature=1.0):
         gh = torch.empty_like(h)  # gradients with respect to the hidden states and (fp32) lm_head
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         total = torch.zeros((), device=h.device)
@@ -152,6 +153,8 @@ class FusedLogpLoss(torch.autograd.Function):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             # 1) the chunk's logits, log-probs of its targets and entropies
             z = (hc @ w.T).float()  # two [chunk x vocab] buffers at most: z and e = exp(z) (then dz)
+            if temperature != 1.0:
+                z /= temperature
             z -= z.amax(-1, keepdim=True)  # softmax by hand: logsumexp would allocate a third buffer
             e = z.exp()  # p = e / Z: never normalized in a pass of its own
             Z = e.sum(-1)
@@ -163,6 +166,9 @@ class FusedLogpLoss(torch.autograd.Function):
                 lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
                 loss = loss_fn(lp_, ent_, slice(s, s + len(tc)))
                 g_lp, g_ent = torch.autograd.grad(loss, (lp_, ent_), allow_unused=True, materialize_grads=True)
+            if temperature != 1.0:  # z above is logits / T: the chain rule divides what reaches the logits by T
+                g_lp = g_lp / temperature
+                g_ent = g_ent / temperature
             # 3) back to the logits: d logp_t / dz = onehot(t) - p ;  d entropy / dz = -p (log p + entropy); in
             # place on z and e
             if g_ent.any():
@@ -189,7 +195,7 @@ class FusedLogpLoss(torch.autograd.Function):
         gh, gw = ctx.saved_tensors
         if not bool(g_total == 1):  # in place: a second [vocab x hidden] buffer is what we avoid
             gh, gw = gh.mul_(g_total), gw.mul_(g_total)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 class Policy(nn.Module):
@@ -200,20 +206,24 @@ class Policy(nn.Module):
     forward, and the [tokens x vocab] logits never exist beyond one chunk of `chunk` positions.
     """
 
-    def __init__(self, lm: nn.Module, chunk: int = 128):
+    def __init__(self, lm: nn.Module, chunk: int = 128, temperature: float = 1.0):
         super().__init__()
         self.lm = lm
         self.chunk = chunk  # completion positions whose logits exist at once
+        self.temperature = temperature  # the rollouts' sampling temperature: log-probs of logits / T
 
     def forward(self, input_ids, position_ids, at, targets, loss_fn: Callable | None = None):
         h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         h = h.flatten(0, 1)[at]  # hidden states that predict the targets (`at`: flat positions)
         w = self.lm.lm_head.weight
         if loss_fn is not None:
-            return FusedLogpLoss.apply(h, w, targets, self.chunk, loss_fn)
+            return FusedLogpLoss.apply(h, w, targets, self.chunk, loss_fn, self.temperature)
         lps, ents = [], []
         for s in range(0, len(targets), self.chunk):
-            logp_all = (h[s:s + self.chunk] @ w.T).float().log_softmax(-1)
+            logits = (h[s:s + self.chunk] @ w.T).float()
+            if self.temperature != 1.0:
+                logits /= self.temperature
+            logp_all = logits.log_softmax(-1)
             lps.append(logp_all.gather(-1, targets[s:s + self.chunk, None])[:, 0])
             ents.append(-(logp_all.exp() * logp_all).sum(-1))
         if not lps:
@@ -221,10 +231,10 @@ class Policy(nn.Module):
         return torch.cat(lps), torch.cat(ents)
 
 
-def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets) -> torch.Tensor:
+def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets, temperature: float = 1.0) -> torch.Tensor:
     """Reference path: full logits over every position, then pick (tests and the benchmark)."""
     logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0].float()
-    return logits.log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
+    return (logits / temperature).log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
 
 
 def load_lm(cfg: Config, tok, dtype: torch.dtype = torch.float32, weights: bool = True) -> nn.Module:
@@ -527,11 +537,11 @@ def load_models(cfg: Config, tok, kind: str, mesh, device: torch.device) -> tupl
         with torch.device("meta") if meta else contextlib.nullcontext():
             ref = load_lm(cfg, tok, torch.bfloat16, weights=not meta) if gpu or meta else copy.deepcopy(lm)
         ref = ref.requires_grad_(False).eval()
-        ref = shard(Policy(ref, cfg.logit_chunk), mesh, device, ref_off)
+        ref = shard(Policy(ref, cfg.logit_chunk, cfg.temperature), mesh, device, ref_off)
         if meta:
             load_from_rank0(ref, cfg, tok, device, torch.bfloat16, ref_off)
     # 4) the policy, sharded last
-    policy = shard(Policy(lm, cfg.logit_chunk), mesh, device, cfg.offload)
+    policy = shard(Policy(lm, cfg.logit_chunk, cfg.temperature), mesh, device, cfg.offload)
     if meta:
         load_from_rank0(policy, cfg, tok, device, torch.float32, cfg.offload)
     return policy, ref, engine

@@ -156,6 +156,49 @@ def test_chunked_logprobs_and_grads_equal_full(lm):
     assert torch.allclose(lp3, lp, atol=1e-5) and torch.allclose(ent3, ent, atol=1e-5)
 
 
+def test_trainer_logprobs_use_the_sampling_temperature(rows_file, tmp_path):
+    """At T = 0.7 the engine samples from softmax(logits / T) and reports those log-probs ("processed"); the
+    trainer's policy and reference (as train() builds them) score the same log-probs, entropies and, in the fused
+    path, the same gradients as autograd on logits / T."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    T = 0.7
+    cfg = grpo.Config(data=rows_file, model="tiny", temperature=T, kl_coef=0.01, logit_chunk=3, seed=5, device="cpu")
+    _, world, device = grpo.init_distributed(cfg)
+    tok = kc.load_tokenizer("", tmp_dir=str(tmp_path / "tok"))
+    policy, ref, _ = grpo.load_models(cfg, tok, "hf", init_device_mesh("cpu", (world,)), device)
+    lm = grpo.load_lm(cfg, tok)  # the same weights, unsharded
+    engine = rollout.make_engine(rollout.Config(engine="hf", temperature=T, logprobs_mode="processed", device="cpu",
+                                                max_new_tokens=10, seed=3), lm, tok)
+    outs = engine.generate([[5, 6, 7, 8, 9, 10], [40, 41, 42]], n=2)
+    seqs = [{"prompt": p, "completion": c.token_ids} for p, comps in zip([[5, 6, 7, 8, 9, 10], [40, 41, 42]], outs)
+            for c in comps]
+    engine_lp = torch.tensor([x for comps in outs for c in comps for x in c.logprobs])
+    inputs = grpo.padded_inputs(seqs, device)
+    with torch.no_grad():
+        lp, ent = policy(*inputs)
+        ref_lp, _ = ref(*inputs)
+    assert torch.allclose(lp, engine_lp, atol=1e-5) and torch.allclose(ref_lp, engine_lp, atol=1e-5)
+    # the test can fail: the temperature-1 log-probs of the same tokens are far from the engine's
+    raw = torch.cat([grpo.naive_logp(lm, *grpo.packed_inputs([s], device)) for s in seqs])
+    assert (raw - engine_lp).abs().max() > 1e-2
+    # entropies and the fused path's gradients against autograd on the full logits / T
+    logits = lm(input_ids=inputs[0], position_ids=inputs[1], use_cache=False).logits.flatten(0, 1)[inputs[2]] / T
+    logp_all = logits.log_softmax(-1)
+    want_lp = logp_all.gather(-1, inputs[3][:, None])[:, 0]
+    want_ent = -(logp_all.exp() * logp_all).sum(-1)
+    assert torch.allclose(ent, want_ent.detach(), atol=1e-5)
+    wt = torch.linspace(-1, 1, len(want_lp))
+    loss_fn = lambda lp, ent, sl: (wt[sl] * lp + 0.1 * ent).sum()  # noqa: E731
+    loss_fn(want_lp, want_ent, slice(None)).backward()
+    want_grads = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    loss, fused_lp, _ = grpo.Policy(lm, chunk=3, temperature=T)(*inputs, loss_fn=loss_fn)
+    loss.backward()
+    assert torch.allclose(fused_lp, engine_lp, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4) for p, g in zip(lm.parameters(), want_grads))
+
+
 def test_stale_old_logprobs_keep_the_mini_batch_finite(tiny_tok):
     """A mini-batch after the first scores against old log-probs from before the last update: a token 100 nats
     more likely now, with A < 0, costs 3 |A| (verl's defaults reach backward_micro_batch), not inf."""
