@@ -757,7 +757,7 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt: torch.optim.Optim
     """out/ckpt/step_N by torch.distributed.checkpoint (any world size loads it), written to a temporary
     folder and renamed; the newest cfg.keep are kept. Every rank calls it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     rank = dist.get_rank()
     final = out / "ckpt" / f"step_{step:06d}"
@@ -768,9 +768,14 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt: torch.optim.Optim
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     dist.barrier()
-    # 2) every rank writes its shards; rank 0 the step, every rank's RNG and the config
-    msd, osd = get_state_dict(policy, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    # 2) every rank writes its shards; rank 0 the step, every rank's RNG and the config. An optimizer that has not
+    # stepped yet (every step so far skipped or all groups dropped) is left out: get_optimizer_state_dict creates
+    # a missing state by an Adam step at lr 0, and that step count of 1 with zero moments would shrink the first
+    # real update to 0.74x of what a run without this checkpoint takes
+    state = {"model": get_model_state_dict(policy)}
+    if opt.state:  # the same on every rank: the ranks step together
+        state["optim"] = get_optimizer_state_dict(policy, opt)
+    dcp.save(state, checkpoint_id=str(tmp))
     rngs = gather(torch.get_rng_state())  # one file for any world size: every rank's RNG, indexed by rank
     if rank == 0:
         extra = {"step": step, "torch_rng": rngs, "world": dist.get_world_size(), "config": asdict(cfg)}
@@ -791,15 +796,21 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, policy: Policy, opt: torch.optim.Optimizer) -> int:
-    """Model, optimizer and this rank's RNG from a checkpoint; returns its step."""
+    """Model, optimizer and this rank's RNG from a checkpoint; returns its step. A checkpoint saved before the
+    first optimizer step holds no optimizer state, and `opt` stays as it was built (see save_checkpoint)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
 
     rank = dist.get_rank()
-    msd, osd = get_state_dict(policy, opt)
-    state = {"model": msd, "optim": osd}
+    stepped = any(k.startswith("optim.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    state = {"model": get_model_state_dict(policy)}
+    if stepped:  # the template's values are overwritten by the load
+        state["optim"] = get_optimizer_state_dict(policy, opt)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(policy, state["model"])
+    if stepped:
+        set_optimizer_state_dict(policy, opt, state["optim"])
     # DCP reshards model and optimizer to this world size; step and RNG come from the one extra.pt (older
     # checkpoints: extra_rank{r}.pt). A rank beyond the saving world takes rank r mod that world's RNG.
     if (path / "extra.pt").exists():

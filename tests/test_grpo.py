@@ -328,6 +328,37 @@ def test_nan_reward_skips_the_step(rows_file, tmp_path, monkeypatch):
     assert (tmp_path / "nan" / "rollouts" / "step_000001.jsonl").exists()
 
 
+def share_of_lowercase(rows, texts):  # tests/grpo_worker.py's toy reward
+    return [(sum("a" <= ch <= "z" for ch in t) / max(1, len(t)), {}) for t in texts]
+
+
+def test_a_checkpoint_before_the_first_update_leaves_adam_untouched(rows_file, tmp_path):
+    """Step 1 drops every group (equal rewards), so no optimizer step precedes the step-1 checkpoint; the update
+    of step 2 after a resume from it equals the uninterrupted run's (a phantom Adam step made it 0.74x)."""
+    rows = kc.read_rows(rows_file)
+    first = {rows[i]["id"] for i in grpo.batch_indices(0, len(rows), 2, 5)}  # the rows of step 1
+
+    def reward(rows, texts):
+        return [(0.0, {})] * len(texts) if rows[0]["id"] in first else share_of_lowercase(rows, texts)
+
+    def run(out, **opts):
+        cfg = grpo.Config(data=rows_file, out_dir=str(out), model="tiny", batch_prompts=2, group=4, max_new_tokens=8,
+                          steps=2, kl_coef=0.0, lr=1e-3, seed=5, device="cpu", engine="hf", **opts)
+        return grpo.train(cfg, reward_fn=reward)
+
+    run(tmp_path / "full", save_every=0)
+    run(tmp_path / "crash", save_every=1, stop_after=1)
+    assert [p.name for p in (tmp_path / "crash" / "ckpt").iterdir()] == ["step_000001"]
+    run(tmp_path / "crash", save_every=1)  # resumes at step 1
+    for out in ("full", "crash"):
+        assert [(x["optimizer_steps"], x["dropped_groups"]) for x in log_lines(tmp_path / out)] == [(0, 2), (1, 0)]
+    a, b = exported(tmp_path / "full"), exported(tmp_path / "crash")
+    start = rollout.tiny_model(259, seed=5).state_dict()
+    assert any(not torch.allclose(a[k], start[k]) for k in a)  # step 2 moved the weights
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-7), k
+
+
 # ----------------------------------------------------------------------------- FSDP2 pieces, 2 processes on gloo
 def _fsdp_worker(rank, world, tmp, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
