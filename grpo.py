@@ -956,7 +956,8 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
 
         # 4) clipped surrogate + k3 KL: ppo_epochs passes over the batch, one optimizer step per mini-batch
         stats = {
-            "loss": 0.0,  # this rank's share of each mini-batch's token-mean loss, summed (log: over ranks, / steps)
+            # loss, kl, clip_frac: sums over the applied mini-batches only (log: over ranks, / steps)
+            "loss": 0.0,  # this rank's share of each mini-batch's token-mean loss, summed
             "kl": 0.0,  # this rank's share of each mini-batch's mean k3 per completion token, summed likewise
             "clip_frac": 0.0,  # this rank's share of the tokens whose ratio the clip held, summed likewise
             "tokens": 0.0,  # prompt + completion tokens through the update, for tokens/s
@@ -976,7 +977,7 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
                 if n_tok == 0:
                     continue
                 opt.zero_grad(set_to_none=True)
-                loss_before = stats["loss"]
+                before = {k: stats[k] for k in ("loss", "kl", "clip_frac")}  # a skipped mini-batch is not logged
                 mbs = micro_batches(mini, packed, cfg.micro_tokens, device)  # the same count on every rank
                 for i, mb in enumerate(mbs):
                     # gradients accumulate unsharded; one reduce-scatter after the mini-batch's last micro-batch
@@ -985,10 +986,10 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
                 norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 # one decision for all ranks, per mini-batch: a NaN/inf never reaches the weights
-                bad = not (math.isfinite(norm) and math.isfinite(stats["loss"] - loss_before))
+                bad = not (math.isfinite(norm) and math.isfinite(stats["loss"] - before["loss"]))
                 if any_rank(bad, device):
                     stats["skipped"] += 1
-                    stats["loss"] = loss_before if math.isfinite(loss_before) else 0.0
+                    stats.update(before)  # log_line divides by the steps taken: the sums hold only those
                 else:
                     opt.step()
                     stats["grad_norm"].append(norm)

@@ -359,6 +359,38 @@ def test_a_checkpoint_before_the_first_update_leaves_adam_untouched(rows_file, t
         assert torch.allclose(a[k], b[k], atol=1e-7), k
 
 
+def test_a_skipped_mini_batch_is_not_logged(rows_file, tmp_path, monkeypatch):
+    """Two mini-batches per step; the second of step 2 is skipped (the cross-rank decision says so). The logged
+    loss, KL and clip fraction are those of the applied mini-batch alone, per optimizer step taken."""
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}  # of the current mini-batch, from its micro-batches
+    minis = []  # one entry per mini-batch: its sums, at the skip decision
+    backward_micro_batch = grpo.backward_micro_batch
+    any_rank = grpo.any_rank
+
+    def recording(policy, mb, n_tok, stats, *rest):
+        before = {k: stats[k] for k in sums}
+        backward_micro_batch(policy, mb, n_tok, stats, *rest)
+        for k in sums:
+            sums[k] += stats[k] - before[k]
+
+    def skip_the_fourth(bad, device):
+        minis.append(dict(sums))
+        sums.update(loss=0.0, kl=0.0, clip_frac=0.0)
+        return any_rank(bad, device) or len(minis) == 4
+
+    monkeypatch.setattr(grpo, "backward_micro_batch", recording)
+    monkeypatch.setattr(grpo, "any_rank", skip_the_fourth)
+    cfg = grpo.Config(data=rows_file, out_dir=str(tmp_path / "skip"), model="tiny", batch_prompts=2, group=4,
+                      max_new_tokens=8, steps=2, mini_batches=2, kl_coef=0.05, lr=1e-2, save_every=0, export=False,
+                      seed=5, device="cpu", engine="hf")
+    last = grpo.train(cfg, reward_fn=share_of_lowercase)
+    assert len(minis) == 4 and last["optimizer_steps"] == 1 and last["skipped_steps"] == 1
+    applied, skipped = minis[2], minis[3]
+    assert skipped["kl"] > 0 and skipped["clip_frac"] > 0  # the skipped one would have changed the log
+    for k in sums:
+        assert last[k] == pytest.approx(applied[k], rel=1e-9, abs=1e-12), k
+
+
 # ----------------------------------------------------------------------------- FSDP2 pieces, 2 processes on gloo
 def _fsdp_worker(rank, world, tmp, port):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
