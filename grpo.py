@@ -53,7 +53,7 @@ class Config:
     # -- sampling: the paper's rollouts (arXiv 2510.19363, training setup)
     group: int = 8  # G: completions per prompt
     max_new_tokens: int = 4096  # the paper's output budget; a completion cut at it scores 0 (reward.py)
-    temperature: float = 1.0  # the paper's T = 1: samples from the policy itself (--tis_cap needs it)
+    temperature: float = 1.0  # the paper's T = 1; the trainer scores logits / T too, like verl and TRL (--tis_cap: 1)
     top_p: float = 1.0  # no nucleus cut, as in the authors' code (--tis_cap needs 1.0 too)
     # -- reward
     qa_metric: str = "sub_em"  # QA match (reward.py): two-way substring, what the paper's final runs used
@@ -63,6 +63,8 @@ class Config:
     drop_equal_groups: bool = True  # all-equal rewards carry no signal
     clip_low: float = 0.2  # ratio clipped below at 1 - clip_low: 0.2 in the authors' code
     clip_high: float = 0.2  # ratio clipped above at 1 + clip_high: 0.2 there too (DAPO's clip-higher raises it)
+    dual_clip: float = 3.0  # > 1: a token with A < 0 loses at most dual_clip x |A| (verl's clip_ratio_c = 3); 0 = off
+    max_log_ratio: float = 20.0  # log(p / p_old) clamped to +-this before exp, as in verl (fp32 exp(89) = inf); 0 = off
     kl_coef: float = 0.001  # k3 KL to the frozen reference, as a loss term (the paper's 0.001); 0 = no reference model
     entropy_coef: float = 0.0  # entropy bonus: 0 in the paper's final runs
     tis_cap: float = 0.0  # > 0: truncated importance weights min(p_train / p_engine, cap) on the surrogate
@@ -101,7 +103,8 @@ class Config:
 
 # ----------------------------------------------------------------------------- loss pieces (plain functions)
 def group_advantages(r: torch.Tensor, use_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """r: [groups, G] rewards -> advantages (r - mean) / (std + eps), or r - mean (Dr.GRPO)."""
+    """r: [groups, G] rewards -> advantages (r - mean) / (std + eps), or r - mean (Dr.GRPO). G >= 2: one reward
+    has no baseline and a NaN std (check_inputs refuses --group=1)."""
     a = r - r.mean(-1, keepdim=True)
     return a / (r.std(-1, keepdim=True) + eps) if use_std else a
 
@@ -112,12 +115,21 @@ def kl_k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (d.exp() - d - 1).clamp(-10, 10)
 
 
-def policy_loss(logp, old, adv, clip_low, clip_high, is_weight=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token clipped surrogate -min(r A, clip(r) A) and whether the clip was active."""
-    ratio = (logp - old).exp()
+def policy_loss(logp, old, adv, clip_low, clip_high, is_weight=None, dual_clip: float = 3.0,
+                max_log_ratio: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate -min(r A, clip(r) A) and whether the clip was active. Off-policy guards as in
+    verl's compute_policy_loss_vanilla (only mini-batches after the first of a rollout batch are off-policy):
+    the log-ratio is clamped before exp, and a token with A < 0 loses at most dual_clip x |A| (dual-clip PPO,
+    arXiv 1912.09729). Without them one stale token at log-ratio 100 makes the loss inf, and the mini-batch is lost."""
+    log_ratio = logp - old
+    if max_log_ratio > 0:  # also keeps the gradient finite where the dual clip cuts it (0 x exp(100) is NaN)
+        log_ratio = log_ratio.clamp(-max_log_ratio, max_log_ratio)
+    ratio = log_ratio.exp()
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(unclipped, clipped)
+    if dual_clip > 0:  # A >= 0 is bounded already: the clip holds r A at (1 + clip_high) A
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
     if is_weight is not None:
         loss = loss * is_weight
     return loss, (clipped > unclipped).float()
@@ -128,10 +140,11 @@ class FusedLogpLoss(torch.autograd.Function):
     """Chunked log-probs fused with a per-token loss. Each chunk's logits live only inside its loop iteration:
     the per-token loss depends on that token's log-prob and entropy alone, so its gradient with respect to
     the chunk's logits, hence to the hidden states and lm_head, is taken right there in forward. Nothing is
-    recomputed in backward, which only scales the stored gradients."""
+    recomputed in backward, which only scales the stored gradients. `temperature`: log-probs and entropies of
+    logits / T, the distribution the engine sampled from (verl and TRL divide the logits the same way)."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, chunk, loss_fn):
+    def forward(ctx, h, w, targets, chunk, loss_fn, temperature=1.0):
         gh = torch.empty_like(h)  # gradients with respect to the hidden states and (fp32) lm_head
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         total = torch.zeros((), device=h.device)
@@ -140,6 +153,8 @@ class FusedLogpLoss(torch.autograd.Function):
             hc, tc = h[s:s + chunk], targets[s:s + chunk]
             # 1) the chunk's logits, log-probs of its targets and entropies
             z = (hc @ w.T).float()  # two [chunk x vocab] buffers at most: z and e = exp(z) (then dz)
+            if temperature != 1.0:
+                z /= temperature
             z -= z.amax(-1, keepdim=True)  # softmax by hand: logsumexp would allocate a third buffer
             e = z.exp()  # p = e / Z: never normalized in a pass of its own
             Z = e.sum(-1)
@@ -151,6 +166,9 @@ class FusedLogpLoss(torch.autograd.Function):
                 lp_, ent_ = lp.detach().requires_grad_(), ent.detach().requires_grad_()
                 loss = loss_fn(lp_, ent_, slice(s, s + len(tc)))
                 g_lp, g_ent = torch.autograd.grad(loss, (lp_, ent_), allow_unused=True, materialize_grads=True)
+            if temperature != 1.0:  # z above is logits / T: the chain rule divides what reaches the logits by T
+                g_lp = g_lp / temperature
+                g_ent = g_ent / temperature
             # 3) back to the logits: d logp_t / dz = onehot(t) - p ;  d entropy / dz = -p (log p + entropy); in
             # place on z and e
             if g_ent.any():
@@ -177,7 +195,7 @@ class FusedLogpLoss(torch.autograd.Function):
         gh, gw = ctx.saved_tensors
         if not bool(g_total == 1):  # in place: a second [vocab x hidden] buffer is what we avoid
             gh, gw = gh.mul_(g_total), gw.mul_(g_total)
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 class Policy(nn.Module):
@@ -188,20 +206,24 @@ class Policy(nn.Module):
     forward, and the [tokens x vocab] logits never exist beyond one chunk of `chunk` positions.
     """
 
-    def __init__(self, lm: nn.Module, chunk: int = 128):
+    def __init__(self, lm: nn.Module, chunk: int = 128, temperature: float = 1.0):
         super().__init__()
         self.lm = lm
         self.chunk = chunk  # completion positions whose logits exist at once
+        self.temperature = temperature  # the rollouts' sampling temperature: log-probs of logits / T
 
     def forward(self, input_ids, position_ids, at, targets, loss_fn: Callable | None = None):
         h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         h = h.flatten(0, 1)[at]  # hidden states that predict the targets (`at`: flat positions)
         w = self.lm.lm_head.weight
         if loss_fn is not None:
-            return FusedLogpLoss.apply(h, w, targets, self.chunk, loss_fn)
+            return FusedLogpLoss.apply(h, w, targets, self.chunk, loss_fn, self.temperature)
         lps, ents = [], []
         for s in range(0, len(targets), self.chunk):
-            logp_all = (h[s:s + self.chunk] @ w.T).float().log_softmax(-1)
+            logits = (h[s:s + self.chunk] @ w.T).float()
+            if self.temperature != 1.0:
+                logits /= self.temperature
+            logp_all = logits.log_softmax(-1)
             lps.append(logp_all.gather(-1, targets[s:s + self.chunk, None])[:, 0])
             ents.append(-(logp_all.exp() * logp_all).sum(-1))
         if not lps:
@@ -209,10 +231,10 @@ class Policy(nn.Module):
         return torch.cat(lps), torch.cat(ents)
 
 
-def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets) -> torch.Tensor:
+def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets, temperature: float = 1.0) -> torch.Tensor:
     """Reference path: full logits over every position, then pick (tests and the benchmark)."""
     logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0].float()
-    return logits.log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
+    return (logits / temperature).log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
 
 
 def load_lm(cfg: Config, tok, dtype: torch.dtype = torch.float32, weights: bool = True) -> nn.Module:
@@ -440,7 +462,8 @@ def hash_seed(*parts: int) -> int:
 # ----------------------------------------------------------------------------- setup pieces
 POSITIVE = ("batch_prompts", "group", "epochs", "max_prompt_tokens", "max_new_tokens", "micro_tokens", "logit_chunk",
             "mini_batches", "ppo_epochs", "keep", "timeout_hours")
-NON_NEGATIVE = ("steps", "save_every", "log_samples", "stop_after", "lr", "kl_coef", "grad_clip", "tis_cap")
+NON_NEGATIVE = ("steps", "save_every", "log_samples", "stop_after", "lr", "kl_coef", "grad_clip", "tis_cap",
+                "max_log_ratio")
 
 
 def check_inputs(cfg: Config) -> list[dict]:
@@ -449,6 +472,12 @@ def check_inputs(cfg: Config) -> list[dict]:
     # 1) settings
     bad = [f"--{k}={getattr(cfg, k)} must be positive" for k in POSITIVE if not getattr(cfg, k) > 0]
     bad += [f"--{k}={getattr(cfg, k)} must not be negative" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    # one completion is no group: its std is NaN, and verl's stand-in (mean 0, std 1) trains on the raw reward,
+    # a baseline-free REINFORCE that --drop_equal_groups would drop anyway (TRL refuses it too)
+    if cfg.group == 1:
+        bad.append("--group=1 must be at least 2: GRPO's baseline is the mean reward of the prompt's group")
+    if cfg.dual_clip != 0 and cfg.dual_clip <= 1:  # a cap at |A| or below cuts on-policy tokens (verl asserts > 1)
+        bad.append(f"--dual_clip={cfg.dual_clip} must be 0 (off) or above 1")
     if cfg.qa_rule not in rewards.QA_RULES or cfg.qa_metric not in rewards.QA_METRICS:
         bad.append(f"--qa_rule={cfg.qa_rule} / --qa_metric={cfg.qa_metric}: one of {rewards.QA_RULES} / {rewards.QA_METRICS}")
     if bad:
@@ -508,11 +537,11 @@ def load_models(cfg: Config, tok, kind: str, mesh, device: torch.device) -> tupl
         with torch.device("meta") if meta else contextlib.nullcontext():
             ref = load_lm(cfg, tok, torch.bfloat16, weights=not meta) if gpu or meta else copy.deepcopy(lm)
         ref = ref.requires_grad_(False).eval()
-        ref = shard(Policy(ref, cfg.logit_chunk), mesh, device, ref_off)
+        ref = shard(Policy(ref, cfg.logit_chunk, cfg.temperature), mesh, device, ref_off)
         if meta:
             load_from_rank0(ref, cfg, tok, device, torch.bfloat16, ref_off)
     # 4) the policy, sharded last
-    policy = shard(Policy(lm, cfg.logit_chunk), mesh, device, cfg.offload)
+    policy = shard(Policy(lm, cfg.logit_chunk, cfg.temperature), mesh, device, cfg.offload)
     if meta:
         load_from_rank0(policy, cfg, tok, device, torch.float32, cfg.offload)
     return policy, ref, engine
@@ -596,7 +625,7 @@ def backward_micro_batch(policy: Policy, mb: list[dict], n_tok: float, stats: di
         w = None
         if engine_lp is not None:  # trainer vs engine kernels: correct the surrogate with capped importance weights
             w = (old_sl - engine_lp[sl]).exp().clamp(max=cfg.tis_cap)
-        loss = policy_loss(lp, old_sl, adv[sl], cfg.clip_low, cfg.clip_high, w)[0]
+        loss = policy_loss(lp, old_sl, adv[sl], cfg.clip_low, cfg.clip_high, w, cfg.dual_clip, cfg.max_log_ratio)[0]
         if ref is not None:
             loss = loss + cfg.kl_coef * kl_k3(lp, ref[sl])
         return (loss - cfg.entropy_coef * ent).sum() * scale
@@ -609,7 +638,8 @@ def backward_micro_batch(policy: Policy, mb: list[dict], n_tok: float, stats: di
     stats["loss"] += loss.item() / world
     if ref is not None:
         stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok
-    stats["clip_frac"] += policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)[1].sum().item() / n_tok
+    clip = policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high, None, cfg.dual_clip, cfg.max_log_ratio)[1]
+    stats["clip_frac"] += clip.sum().item() / n_tok
     stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
 
 
@@ -727,7 +757,7 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt: torch.optim.Optim
     """out/ckpt/step_N by torch.distributed.checkpoint (any world size loads it), written to a temporary
     folder and renamed; the newest cfg.keep are kept. Every rank calls it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     rank = dist.get_rank()
     final = out / "ckpt" / f"step_{step:06d}"
@@ -738,9 +768,14 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt: torch.optim.Optim
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     dist.barrier()
-    # 2) every rank writes its shards; rank 0 the step, every rank's RNG and the config
-    msd, osd = get_state_dict(policy, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    # 2) every rank writes its shards; rank 0 the step, every rank's RNG and the config. An optimizer that has not
+    # stepped yet (every step so far skipped or all groups dropped) is left out: get_optimizer_state_dict creates
+    # a missing state by an Adam step at lr 0, and that step count of 1 with zero moments would shrink the first
+    # real update to 0.74x of what a run without this checkpoint takes
+    state = {"model": get_model_state_dict(policy)}
+    if opt.state:  # the same on every rank: the ranks step together
+        state["optim"] = get_optimizer_state_dict(policy, opt)
+    dcp.save(state, checkpoint_id=str(tmp))
     rngs = gather(torch.get_rng_state())  # one file for any world size: every rank's RNG, indexed by rank
     if rank == 0:
         extra = {"step": step, "torch_rng": rngs, "world": dist.get_world_size(), "config": asdict(cfg)}
@@ -761,15 +796,21 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, policy: Policy, opt: torch.optim.Optimizer) -> int:
-    """Model, optimizer and this rank's RNG from a checkpoint; returns its step."""
+    """Model, optimizer and this rank's RNG from a checkpoint; returns its step. A checkpoint saved before the
+    first optimizer step holds no optimizer state, and `opt` stays as it was built (see save_checkpoint)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
 
     rank = dist.get_rank()
-    msd, osd = get_state_dict(policy, opt)
-    state = {"model": msd, "optim": osd}
+    stepped = any(k.startswith("optim.") for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    state = {"model": get_model_state_dict(policy)}
+    if stepped:  # the template's values are overwritten by the load
+        state["optim"] = get_optimizer_state_dict(policy, opt)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(policy, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_model_state_dict(policy, state["model"])
+    if stepped:
+        set_optimizer_state_dict(policy, opt, state["optim"])
     # DCP reshards model and optimizer to this world size; step and RNG come from the one extra.pt (older
     # checkpoints: extra_rank{r}.pt). A rank beyond the saving world takes rank r mod that world's RNG.
     if (path / "extra.pt").exists():
@@ -915,7 +956,8 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
 
         # 4) clipped surrogate + k3 KL: ppo_epochs passes over the batch, one optimizer step per mini-batch
         stats = {
-            "loss": 0.0,  # this rank's share of each mini-batch's token-mean loss, summed (log: over ranks, / steps)
+            # loss, kl, clip_frac: sums over the applied mini-batches only (log: over ranks, / steps)
+            "loss": 0.0,  # this rank's share of each mini-batch's token-mean loss, summed
             "kl": 0.0,  # this rank's share of each mini-batch's mean k3 per completion token, summed likewise
             "clip_frac": 0.0,  # this rank's share of the tokens whose ratio the clip held, summed likewise
             "tokens": 0.0,  # prompt + completion tokens through the update, for tokens/s
@@ -935,7 +977,7 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
                 if n_tok == 0:
                     continue
                 opt.zero_grad(set_to_none=True)
-                loss_before = stats["loss"]
+                before = {k: stats[k] for k in ("loss", "kl", "clip_frac")}  # a skipped mini-batch is not logged
                 mbs = micro_batches(mini, packed, cfg.micro_tokens, device)  # the same count on every rank
                 for i, mb in enumerate(mbs):
                     # gradients accumulate unsharded; one reduce-scatter after the mini-batch's last micro-batch
@@ -944,10 +986,10 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
                 norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
                 # one decision for all ranks, per mini-batch: a NaN/inf never reaches the weights
-                bad = not (math.isfinite(norm) and math.isfinite(stats["loss"] - loss_before))
+                bad = not (math.isfinite(norm) and math.isfinite(stats["loss"] - before["loss"]))
                 if any_rank(bad, device):
                     stats["skipped"] += 1
-                    stats["loss"] = loss_before if math.isfinite(loss_before) else 0.0
+                    stats.update(before)  # log_line divides by the steps taken: the sums hold only those
                 else:
                     opt.step()
                     stats["grad_norm"].append(norm)

@@ -44,6 +44,31 @@ def test_policy_loss_clipping_exact():
     assert torch.allclose(grpo.policy_loss(logp, old, adv, 0.2, 0.28, w)[0], torch.tensor([-0.64, 1.5, -1.0, 0.8]))
 
 
+def test_policy_loss_clamps_the_log_ratio_and_dual_clips_like_verl():
+    """Stale tokens (off-policy mini-batches): verl's defaults clamp the log-ratio to +-20 and cap the loss of a
+    token with A < 0 at 3 |A|; the loss and its gradient stay finite. Both off: the old inf loss, NaN gradient."""
+    log_ratio = torch.tensor([100.0, 100.0, -100.0, -100.0, 1.5, 30.0, 0.1])
+    adv = torch.tensor([-1.0, 1.0, -1.0, 1.0, -2.0, -0.5, -1.0])
+    logp = log_ratio.clone().requires_grad_()
+    loss, clipped = grpo.policy_loss(logp, torch.zeros(7), adv, 0.2, 0.2)
+    loss.sum().backward()
+    e = math.exp
+    # A < 0 at ratio e^20 (clamped from e^100) and e^1.5: capped at 3 |A|; A > 0: the usual clip at 1.2
+    # A < 0 at ratio e^-20: the clip's 0.8; A > 0 at e^-20: r A itself; an in-range token keeps r |A|
+    want = torch.tensor([3.0, -1.2, 0.8, -e(-20), 6.0, 1.5, e(0.1)])
+    assert torch.allclose(loss.detach(), want, rtol=1e-6, atol=0)
+    assert clipped.tolist() == [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    # only the in-range token moves: the capped, clipped and clamped ones have zero gradient, not NaN
+    assert torch.allclose(logp.grad, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, e(0.1)]), rtol=1e-6, atol=0)
+    for dual_clip, clamp in ((0.0, 0.0), (3.0, 0.0)):  # no clamp: exp(100) = inf in fp32, and 0 x inf = NaN
+        logp.grad = None
+        loss, _ = grpo.policy_loss(logp, torch.zeros(7), adv, 0.2, 0.2, dual_clip=dual_clip, max_log_ratio=clamp)
+        loss.sum().backward()
+        assert loss[0].item() == (math.inf if dual_clip == 0 else 3.0) and logp.grad.isnan().any()
+    loss, _ = grpo.policy_loss(logp, torch.zeros(7), adv, 0.2, 0.2, dual_clip=0.0)  # clamp alone: e^20, finite
+    assert loss[0].item() == pytest.approx(e(20), rel=1e-6)
+
+
 def test_pack_respects_the_token_budget():
     lengths = [5, 9, 3, 12, 7, 1, 20]
     bins = grpo.pack(lengths, 12)
@@ -129,6 +154,74 @@ def test_chunked_logprobs_and_grads_equal_full(lm):
     with torch.no_grad():  # the no-gradient path (old and reference log-probs) agrees as well
         lp3, ent3 = grpo.Policy(lm, chunk=5)(*inputs)
     assert torch.allclose(lp3, lp, atol=1e-5) and torch.allclose(ent3, ent, atol=1e-5)
+
+
+def test_trainer_logprobs_use_the_sampling_temperature(rows_file, tmp_path):
+    """At T = 0.7 the engine samples from softmax(logits / T) and reports those log-probs ("processed"); the
+    trainer's policy and reference (as train() builds them) score the same log-probs, entropies and, in the fused
+    path, the same gradients as autograd on logits / T."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    T = 0.7
+    cfg = grpo.Config(data=rows_file, model="tiny", temperature=T, kl_coef=0.01, logit_chunk=3, seed=5, device="cpu")
+    _, world, device = grpo.init_distributed(cfg)
+    tok = kc.load_tokenizer("", tmp_dir=str(tmp_path / "tok"))
+    policy, ref, _ = grpo.load_models(cfg, tok, "hf", init_device_mesh("cpu", (world,)), device)
+    lm = grpo.load_lm(cfg, tok)  # the same weights, unsharded
+    engine = rollout.make_engine(rollout.Config(engine="hf", temperature=T, logprobs_mode="processed", device="cpu",
+                                                max_new_tokens=10, seed=3), lm, tok)
+    outs = engine.generate([[5, 6, 7, 8, 9, 10], [40, 41, 42]], n=2)
+    seqs = [{"prompt": p, "completion": c.token_ids} for p, comps in zip([[5, 6, 7, 8, 9, 10], [40, 41, 42]], outs)
+            for c in comps]
+    engine_lp = torch.tensor([x for comps in outs for c in comps for x in c.logprobs])
+    inputs = grpo.padded_inputs(seqs, device)
+    with torch.no_grad():
+        lp, ent = policy(*inputs)
+        ref_lp, _ = ref(*inputs)
+    assert torch.allclose(lp, engine_lp, atol=1e-5) and torch.allclose(ref_lp, engine_lp, atol=1e-5)
+    # the test can fail: the temperature-1 log-probs of the same tokens are far from the engine's
+    raw = torch.cat([grpo.naive_logp(lm, *grpo.packed_inputs([s], device)) for s in seqs])
+    assert (raw - engine_lp).abs().max() > 1e-2
+    # entropies and the fused path's gradients against autograd on the full logits / T
+    logits = lm(input_ids=inputs[0], position_ids=inputs[1], use_cache=False).logits.flatten(0, 1)[inputs[2]] / T
+    logp_all = logits.log_softmax(-1)
+    want_lp = logp_all.gather(-1, inputs[3][:, None])[:, 0]
+    want_ent = -(logp_all.exp() * logp_all).sum(-1)
+    assert torch.allclose(ent, want_ent.detach(), atol=1e-5)
+    wt = torch.linspace(-1, 1, len(want_lp))
+    loss_fn = lambda lp, ent, sl: (wt[sl] * lp + 0.1 * ent).sum()  # noqa: E731
+    loss_fn(want_lp, want_ent, slice(None)).backward()
+    want_grads = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    loss, fused_lp, _ = grpo.Policy(lm, chunk=3, temperature=T)(*inputs, loss_fn=loss_fn)
+    loss.backward()
+    assert torch.allclose(fused_lp, engine_lp, atol=1e-5)
+    assert all(torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4) for p, g in zip(lm.parameters(), want_grads))
+
+
+def test_stale_old_logprobs_keep_the_mini_batch_finite(tiny_tok):
+    """A mini-batch after the first scores against old log-probs from before the last update: a token 100 nats
+    more likely now, with A < 0, costs 3 |A| (verl's defaults reach backward_micro_batch), not inf."""
+    lm = rollout.tiny_model(len(tiny_tok), seed=0)
+    policy = grpo.Policy(lm, chunk=16)
+    seqs = seqs_for()
+    with torch.no_grad():
+        lp, _ = policy(*grpo.padded_inputs(seqs, torch.device("cpu")))
+    n = [len(s["completion"]) for s in seqs]
+    for s, a, shift, old in zip(seqs, (-1.0, 1.0, -1.0), (-100.0, 0.0, 0.0), lp.split(n)):
+        s.update(adv=a, old=old + shift)
+
+    def run(**opts):
+        cfg = grpo.Config(kl_coef=0.0, **opts)
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy_sum": 0.0}
+        lm.zero_grad()
+        grpo.backward_micro_batch(policy, seqs, sum(n), stats, cfg, 1, False, torch.device("cpu"))
+        return stats["loss"], [p.grad for p in lm.parameters()]
+
+    loss, grads = run()
+    assert loss == pytest.approx((3 * n[0] - n[1] + n[2]) / sum(n), rel=1e-5)  # 3 |A|, -r A, -r A at r = 1
+    assert all(g.isfinite().all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert run(dual_clip=0.0, max_log_ratio=0.0)[0] == math.inf  # without the guards: the old skipped mini-batch
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -233,6 +326,69 @@ def test_nan_reward_skips_the_step(rows_file, tmp_path, monkeypatch):
     assert last["skipped_steps"] == 1
     assert all(torch.equal(before[k], v) for k, v in loaded[0].state_dict().items())
     assert (tmp_path / "nan" / "rollouts" / "step_000001.jsonl").exists()
+
+
+def share_of_lowercase(rows, texts):  # tests/grpo_worker.py's toy reward
+    return [(sum("a" <= ch <= "z" for ch in t) / max(1, len(t)), {}) for t in texts]
+
+
+def test_a_checkpoint_before_the_first_update_leaves_adam_untouched(rows_file, tmp_path):
+    """Step 1 drops every group (equal rewards), so no optimizer step precedes the step-1 checkpoint; the update
+    of step 2 after a resume from it equals the uninterrupted run's (a phantom Adam step made it 0.74x)."""
+    rows = kc.read_rows(rows_file)
+    first = {rows[i]["id"] for i in grpo.batch_indices(0, len(rows), 2, 5)}  # the rows of step 1
+
+    def reward(rows, texts):
+        return [(0.0, {})] * len(texts) if rows[0]["id"] in first else share_of_lowercase(rows, texts)
+
+    def run(out, **opts):
+        cfg = grpo.Config(data=rows_file, out_dir=str(out), model="tiny", batch_prompts=2, group=4, max_new_tokens=8,
+                          steps=2, kl_coef=0.0, lr=1e-3, seed=5, device="cpu", engine="hf", **opts)
+        return grpo.train(cfg, reward_fn=reward)
+
+    run(tmp_path / "full", save_every=0)
+    run(tmp_path / "crash", save_every=1, stop_after=1)
+    assert [p.name for p in (tmp_path / "crash" / "ckpt").iterdir()] == ["step_000001"]
+    run(tmp_path / "crash", save_every=1)  # resumes at step 1
+    for out in ("full", "crash"):
+        assert [(x["optimizer_steps"], x["dropped_groups"]) for x in log_lines(tmp_path / out)] == [(0, 2), (1, 0)]
+    a, b = exported(tmp_path / "full"), exported(tmp_path / "crash")
+    start = rollout.tiny_model(259, seed=5).state_dict()
+    assert any(not torch.allclose(a[k], start[k]) for k in a)  # step 2 moved the weights
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-7), k
+
+
+def test_a_skipped_mini_batch_is_not_logged(rows_file, tmp_path, monkeypatch):
+    """Two mini-batches per step; the second of step 2 is skipped (the cross-rank decision says so). The logged
+    loss, KL and clip fraction are those of the applied mini-batch alone, per optimizer step taken."""
+    sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}  # of the current mini-batch, from its micro-batches
+    minis = []  # one entry per mini-batch: its sums, at the skip decision
+    backward_micro_batch = grpo.backward_micro_batch
+    any_rank = grpo.any_rank
+
+    def recording(policy, mb, n_tok, stats, *rest):
+        before = {k: stats[k] for k in sums}
+        backward_micro_batch(policy, mb, n_tok, stats, *rest)
+        for k in sums:
+            sums[k] += stats[k] - before[k]
+
+    def skip_the_fourth(bad, device):
+        minis.append(dict(sums))
+        sums.update(loss=0.0, kl=0.0, clip_frac=0.0)
+        return any_rank(bad, device) or len(minis) == 4
+
+    monkeypatch.setattr(grpo, "backward_micro_batch", recording)
+    monkeypatch.setattr(grpo, "any_rank", skip_the_fourth)
+    cfg = grpo.Config(data=rows_file, out_dir=str(tmp_path / "skip"), model="tiny", batch_prompts=2, group=4,
+                      max_new_tokens=8, steps=2, mini_batches=2, kl_coef=0.05, lr=1e-2, save_every=0, export=False,
+                      seed=5, device="cpu", engine="hf")
+    last = grpo.train(cfg, reward_fn=share_of_lowercase)
+    assert len(minis) == 4 and last["optimizer_steps"] == 1 and last["skipped_steps"] == 1
+    applied, skipped = minis[2], minis[3]
+    assert skipped["kl"] > 0 and skipped["clip_frac"] > 0  # the skipped one would have changed the log
+    for k in sums:
+        assert last[k] == pytest.approx(applied[k], rel=1e-9, abs=1e-12), k
 
 
 # ----------------------------------------------------------------------------- FSDP2 pieces, 2 processes on gloo

@@ -93,6 +93,8 @@ def rows_dir(tmp_path):
     (["--data=good.jsonl", "--model=no/such-model", "--batch_prompts=4"], "--model=no/such-model: cannot load its config"),
     (["--data=good.jsonl", "--batch_prompts=0"], "--batch_prompts=0 must be positive"),
     (["--data=good.jsonl", "--steps=-1"], "--steps=-1 must not be negative"),
+    (["--data=good.jsonl", "--batch_prompts=4", "--group=1"], "--group=1 must be at least 2: GRPO's baseline is"),
+    (["--data=good.jsonl", "--batch_prompts=4", "--dual_clip=1"], "--dual_clip=1.0 must be 0 (off) or above 1"),
     (["--data=good.jsonl", "--adv_std=maybe"], "--adv_std expects true/false/1/0/yes/no"),
     (["--data=good.jsonl", "--batch_prompts=8"], "4 rows within --max_prompt_tokens, fewer than one batch of 8"),
 ])
