@@ -567,7 +567,7 @@ def test_blocks_math_verify_reading_one_side(junk):
 
 
 @pytest.mark.parametrize("gold,pred,rule", [
-    ("\\frac{1}{2}", "0.5", "math_verify"), ("x^2+1", "1+x^2", "math_verify"), ("50", "50\\%", "math_verify"),
+    ("\\frac{1}{2}", "0.5", "math_verify"), ("x^2+1", "1+x^2", "math_verify"), ("50\\%", "50 \\%", "minerva"),
     ("90", "90^\\circ", "minerva"), ("1000", "10^{3}", "math_verify"), ("\\{1,2\\}", "\\{2, 1\\}", "math_verify"),
     ("\\frac{1}{2}", "0.5 \\text{ cm}", "math_verify"), ("120", "5!", "math_verify"), ("2", "\\left( 2 \\right)", "math_verify"),
     ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2)\\cup(3,\\infty)", "minerva"), ("3:4", "3:4", "minerva"),
