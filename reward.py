@@ -13,44 +13,59 @@ keychain, qa -> QA rule (qa_metric: sub_em | substring | em | f1 | hotpot_f1); r
 else; choice -> the letter; math -> Minerva normalization (DAPO), then math-verify.
 
 Guards (qa_rule=guarded, the default). The policy optimizes whatever is paid, so each rule below closes a way to
-be paid without being right; each scores 0 and names itself in diag["rule"]:
+be paid without being right; each scores 0 and names itself in diag["rule"]. Every kind:
   length       the completion hit the token limit (finish="length"): its text is cut, whatever it holds.
-  no_think     no </think>: a response cut mid-reasoning ("<think>maybe \\boxed{Paris} hmm... Lond") has no final
-               answer, only drafts.
-  multi_box    two different answers after </think> ("\\boxed{London} ... \\boxed{Paris}", a box inside a box):
-               a hedge. Identical boxes count once and empty boxes ("in \\boxed{} form") are ignored; RULER joins
-               its boxes (values may be spread over them).
+  no_think     no </think>: a response cut mid-reasoning ("<think>maybe \\boxed{Paris} hmm... Lond") is drafts.
+  multi_box    two different answers after </think> ("\\boxed{London} ... \\boxed{Paris}", a box in a box). Identical
+               boxes count once, empty ones ("in \\boxed{} form") not at all; RULER joins its boxes.
   empty        an answer that normalizes to "" ("\\boxed{the}"): "" is inside every gold. Wrong in every mode.
-  too_long     longer than the longest gold (ruler: all golds) by more than max_answer_chars (128, as the
-               authors' strict mode): a long enumeration of candidates.
-  braces       "{" or "}" left in a QA answer once every \\text-like wrapper is removed ("{London}, {Paris}").
-  list         three or more comma / semicolon / line separated items ("Paris, London, Berlin") when the gold
-               has fewer. With one comma ("New York, USA") only the first item is graded: the gold must be the
-               head, a qualifier after it earns nothing, so "Paris, London" pays only when Paris is right.
+  too_long     longer than the longest gold (ruler: all golds) by over max_answer_chars (128, the authors' strict
+               mode): a long enumeration of candidates.
+QA (keychain, qa). Only the head is graded: "Paris, London" and "Paris (France)" are Paris, a qualifier earns nothing.
+  braces       "{" or "}" left once every \\text-like wrapper is removed ("{London}, {Paris}").
+  list         three or more comma / semicolon / line separated items ("Paris, London, Berlin").
   alternatives "or", "either", "vs", "and/or", a slash ("Paris or London", "Paris/London"; math: \\lor, \\vee).
-  conjunction  "and" joining candidates ("Paris and London") when the gold has no "and".
+  conjunction  "and" joining candidates ("Paris and London").
   negation     "not Paris", "neither ... nor", "no": says what is not the answer.
   yes_no       both "yes" and "no".
-  extra_words  words beside the gold ("Paris London", "paris in london", "1998 1999") when the answer is not a
-               phrase of the prompt's passages ("Barack Obama" for "Obama" is; without passages, as in evaluation,
-               only names and numbers count), or more than max_extra_words of them ("Paris London Berlin Rome").
-               Qualifiers go after a comma, where they earn nothing.
-  fragment     (sub_em, answer inside the gold) the answer covers less than half of the gold's content words,
-               or is only stop words ("of" for "Bank of America") or a lone number inside a longer gold ("1" for
-               "1 December 2010").
+  extra_words  words beside the gold that can be a second answer: a number ("(1903–1971)" for 1903; a shortened
+               range end continues its start: "1998–99"), a name the passages use, whatever its case ("Tollen in
+               northern Vandria" for either, "1794 by Ansel Kerrow" for the year), any word when the answer is no
+               phrase of one clause of the passages ("Paris London"), more than max_extra_words (2) of them.
+               Descriptors copied from the passages pay ("the city of Paris"); without passages (evaluation)
+               only names and numbers count.
+  longer_name  a longer name holding the gold that the passages use as a name of its own ("Northern Ireland" for
+               Ireland, "New York" for York, "The Polist II" for The Polist); unless they use the gold only after
+               it, as its short form ("Barack Obama ... Obama": "Barack Obama" is right for Obama).
+  fragment     a part of the gold covering under half its content words ("John" for "John Fitzgerald Kennedy",
+               "1" for "1 December 2010") or one side of its "of" / "and" ("Vandria" for "Bank of Vandria").
+  generic      a part made of common words only: the passages use them in lower case ("City" or "the city" for
+               "Marrowby City": "a city in"; "Films" where they say "a film"), or an English common noun
+               (wonderwords' list: "Studios", "River") that the passages never use alone for the gold.
+  ambiguous    a part the passages also use for something else: inside another name ("Korea" for "South Korea"
+               beside "North Korea", "Films" beside "Brisk Films") or alone before or without the gold ("Vandria").
+  date         another date ("June 6, 1902" for "5 June 1902").
+Choice, RULER, math:
+  choice_unparsed  no single option letter ("A) or B)", "A/C", "A cat").
+  choice_list  a second option after the letter: "A. B. C. D.", "A: 12 km; B: 15 km", another option's text.
+  extra_values ruler: a value that is no gold ("1234567 7654321 5550123"), also split by spaces ("765 4321");
+               a gold glued to another ("12345677654321") is not found: values are whole tokens.
   equation     math: "=" other than one "var = value" ("7=5": math-verify compares the right side only).
   unverifiable math: a command or sign a value has not ("7 \\to 5", "7 \\hspace{1em} 5", "7 ~ 5") and the gold has
                not, where math-verify would read one side only; Minerva's exact match still decides.
-  extra_values ruler: a value that is no gold ("1234567 7654321 5550123"); a gold glued to another
-               ("12345677654321") is not found, since values are read as whole tokens.
-  choice_unparsed  no single option letter ("A) or B)", "A/C", "A cat").
+  percent      math: a percent sign the gold has not ("3\\%" for 3: math-verify reads it as 3 and as 0.03).
+  base         math: a base subscript the gold has not ("43_7" for "43_5").
 (A form a gold itself has is allowed: "Simon and Garfunkel", "yes and no", "Paris, France". QA matches whole
 words: character-level, "e" is inside most golds and "art" inside "cartoon".)
 
-Normalization that keeps right answers right (QA): every \\text-like wrapper anywhere (\\text{Paris} (France),
-\\textsc{..}), accents (NFKD: "Sao Paulo" == "São Paulo"), curly quotes, hyphens and dashes as spaces
-("rock-and-roll"), "&" as "and", possessive 's ("Sony's" == "Sony"), number words zero..twenty ("three" == "3"),
-thousands separators, a/an/the; a parenthetical is a qualifier. Choice reads "C", "(C)", "C)", "C. 12 km", "Option C".
+Forms that keep right answers right. Every kind: zero-width characters dropped, odd spaces read as spaces. QA:
+\\text-like wrappers anywhere (\\text{Paris} (France)), accents (NFKD: "Sao Paulo" = "São Paulo"), curly quotes,
+hyphens as spaces ("rock-and-roll"), "&" = "and", possessive 's ("Sony's"), number words zero..twenty ("three" =
+"3"), thousands separators, a/an/the; titles and middle initials ("Dr. Ada K. Morrow" = "Ada Morrow"); dates in
+any common form, read by dateutil ("June 5, 1902" = "5th June 1902" = "1902-06-05" = "5 June 1902"; a part covering
+half the fields, "December 2010", as for words); a part that names the gold ("Marrowby" for "Marrowby City",
+"Obama" for "Barack Obama"). Choice: "C", "(C)", "C)", "C. 12 km", "Option C". Math: degree marks (90^\\circ,
+90\\degree, 90°), thin-space digit groups ("1\\,000"), "x = 5".
 
 --qa_rule=public: the authors' public QA rule, literally: the normalized gold is a substring of the normalized last
 box (no QA guards), except that an empty answer is wrong. length and no_think still apply (they are not about QA);
@@ -337,10 +352,11 @@ _NEGATIONS = frozenset("not no never neither nor none nothing nobody cannot cant
                        "werent wont hasnt havent hadnt".split())
 _FORM_RULES = ("yes_no", "alternatives", "list", "conjunction", "negation")  # checked in this order
 # titles before a name, and middle initials between two names, are not part of what a name says
-_TITLE = re.compile(r"\b(?:(?:Mrs|Mr|Ms|Mx|Dr|Prof|Rev|Hon|Capt|Col|Gen|Lt|Sgt|Fr)\.|(?:Mrs|Mr|Ms|Mx|Dr|Prof|Professor"
-                    r"|Sir|Dame|Rev|Reverend)\s)\s*(?=[A-Z])|\b(?:mrs|mr|ms|dr|prof)\.\s*(?=[a-z])")
-_INITIALS = re.compile(r"\b([A-Z][a-z]+)(?:(?:\s+[A-Z]\.)+|(?:\s+[A-Z](?=\s))+)\s*(?=[A-Z][a-z])"
-                       r"|\b([a-z]{2,})(?:\s+[a-z]\.)+\s*(?=[a-z]{2})")
+_TITLE = re.compile(r"\b(?:(?:Mrs|Mr|Ms|Mx|Dr|Prof|Rev|Hon|Capt|Col|Gen|Lt|Sgt|Maj|Adm|Cmdr|Cpl|Pvt|Det|Insp|Fr"
+                    r"|Sen|Gov|Rep|Pres|Mme|Mlle)\.|(?:Mrs|Mr|Ms|Mx|Dr|Prof|Professor|Sir|Dame|Rev|Reverend)\s)"
+                    r"\s*(?=[A-Z])|\b(?:mrs|mr|ms|dr|prof)\.\s*(?=[a-z])")
+_INITIALS = re.compile(r"\b([A-Z][a-z]+)(?:(?:\s+[A-HJ-UWYZ]\.)+|(?:\s+[A-HJ-UWYZ](?=\s))+)\s*(?=[A-Z][a-z])"
+                       r"|\b([a-z]{2,})(?:\s+[a-hj-uwyz]\.)+\s*(?=[a-z]{2})")  # not I, V, X: "World War I. The"
 
 
 def _fold(s: str) -> str:
@@ -462,7 +478,7 @@ def _date(s: str) -> tuple[tuple[str, int], ...] | None:
                                                and int(days[0]) <= 12 and int(days[1]) <= 12):
         return None  # all numbers: d/m/y or y-m-d, and "05/06/1902" is two dates
     try:
-        d = dateparser.parse(s, default=datetime(2000, 1, 1))  # a leap year: "29 February" has a default year
+        d = dateparser.parse(re.sub(r"(?i)\b(?:the|of|on)\b", " ", s), default=datetime(2000, 1, 1))  # leap: 29 Feb
     except (ValueError, OverflowError):
         return None
     if d.hour or d.minute or d.second:  # read as a time of day
@@ -581,7 +597,7 @@ class Passages:
             upper, lower, at, n = False, False, self.low.find(word), len(word)
             while at >= 0 and not lower:
                 end = at + n
-                if (at == 0 or not self.low[at - 1].isalnum()) and (end == len(self.low) or not self.low[end].isalnum()):
+                if not (at and self.low[at - 1].isalnum()) and not (end < len(self.low) and self.low[end].isalnum()):
                     c = self.raw[at]
                     k = at - 1
                     while k >= 0 and self.raw[k] in " \t\"'([{":
@@ -656,6 +672,23 @@ def _covers(pred: str, gold: str) -> bool:
     return 2 * len(pc) >= len(gc)
 
 
+@lru_cache(maxsize=1)
+def _nouns() -> frozenset[str]:
+    """English common nouns, singular (wonderwords' list, installed for eval.py): "city", "studio", "bank"."""
+    try:
+        from importlib.resources import files
+
+        return frozenset(files("wonderwords").joinpath("assets/nounlist.txt").read_text().lower().split())
+    except (ImportError, OSError):
+        return frozenset()
+
+
+def _generic(word: str) -> bool:
+    forms = [word, word[:-3] + "y", word[:-2], word[:-1]] if word.endswith("ies") else [word, word[:-1], word[:-2]] \
+        if word.endswith("s") else [word]
+    return any(w in _nouns() for w in forms)
+
+
 def _part(pred: str, gold: str, row: dict) -> str | None:
     """Why a part of the gold is not the gold (a rule name), or None when it names the gold."""
     p, g = pred.split(), gold.split()
@@ -664,19 +697,22 @@ def _part(pred: str, gold: str, row: dict) -> str | None:
     at = next(o for o in range(len(g) - len(p) + 1) if g[o:o + len(p)] == p)
     if any(g[j] in _LINKS and not at <= j < at + len(p) for j in range(1, len(g) - 1)):
         return "fragment"  # one side of "Bank of Vandria", "Simon and Garfunkel"
+    # a generic head ("City", "Studios") names the gold only where the passages use it alone for it
+    generic = all(_generic(w) for w in _content(pred))
     ps = _passages_of(row)
     if ps is None:
-        return None
+        return "generic" if generic else None
     if all(ps.is_common(w) for w in _content(pred)):
-        return "ambiguous"  # common words: "City" for "Marrowby City", "Films" where the passages say "a film"
+        return "generic"  # the passages use it as a common word: "a city in", "a film" for "Films"
     if next(ps.find(gold), None) is None:
-        return None  # nothing to compare with: the gold is not named in the prompt
+        return "generic" if generic else None  # nothing to compare with: the gold is not named in the prompt
+    short = False
     for i, k, at in ps.find(pred):
         words, caps, joined = ps.passage(i)
         if _at(words, k, p, g):
             continue
         if any(c == 0 for w, c in zip(p, caps[k:k + len(p)]) if w not in _STOP):
-            return "ambiguous"  # a common word: "a city in ..." for "City"
+            return "ambiguous"  # a common word here: "a city in ..."
         for n in (k - 1, k + len(p)):
             if 0 <= n < len(words) and words[n] not in _STOP and len(words[n]) > 1 and (
                     caps[n] == 1 or (caps[n] == -1 and ps.is_name(words[n]))):
@@ -684,7 +720,8 @@ def _part(pred: str, gold: str, row: dict) -> str | None:
         first = joined.find(f" {gold} ")
         if first < 0 or first > at:
             return "ambiguous"  # a name of its own: "Vandria" (the country) for "Bank of Vandria"
-    return None
+        short = True  # the gold's short name: "Barack Obama ... Obama"
+    return "generic" if generic and not short else None
 
 
 def _beside(pred: str, gold: str, raw: str, extra: Counter, row: dict, cfg: Config) -> str | None:

@@ -143,16 +143,19 @@ def main() -> None:
         size = -(-cfg.n // (4 * workers))
         chunks = [(rows[s:s + size], responses[s:s + size]) for s in range(0, cfg.n, size)]
         fins = [finish[s:s + size] for s in range(0, cfg.n, size)]
-        return [x for c in pool.map(reward._score_chunk, *zip(*chunks), [reward.DEFAULT] * len(chunks), fins) for x in c]
+        done = pool.map(reward._score_chunk, *zip(*chunks), [reward.DEFAULT] * len(chunks), fins)
+        return [x for c in done for x in c]
 
     r_pool, c = rate(pooled, cfg.n)
     assert c == a
     mean = sum(x for x, _ in a) / cfg.n
     print(f"QA inline score() loop        : {r_loop:10,.0f} responses/s")
     print(f"QA score_batch (default)      : {r_batch:10,.0f} responses/s   mean reward {mean:.3f}")
-    print(f"QA through a {workers}-process pool   : {r_pool:10,.0f} responses/s   (not used for QA: shipping costs more)")
+    print(f"QA through a {workers}-process pool   : {r_pool:10,.0f} responses/s   (not used for QA: shipping costs "
+          "more)")
     ok = r_batch >= cfg.target
-    print(f"{'PASS' if ok else 'FAIL'}: {r_batch:,.0f}/s is {r_batch / cfg.target:.1f}x the {cfg.target:,.0f}/s bar (20x one GPU generating)")
+    print(f"{'PASS' if ok else 'FAIL'}: {r_batch:,.0f}/s is {r_batch / cfg.target:.1f}x the {cfg.target:,.0f}/s bar "
+          "(20x one GPU generating)")
 
     if cfg.grouped:
         grows, gresp = make_grouped(cfg.grouped, cfg.group, cfg.context_chars, cfg.chars, cfg.seed)
@@ -171,7 +174,8 @@ def main() -> None:
         r_mi, x = rate(lambda: [reward.score(r, s) for r, s in zip(mrows, mresp)], cfg.math)
         r_mp, y = rate(lambda: reward.score_batch(mrows, mresp, workers=workers), cfg.math)
         assert x == y
-        print(f"math inline (math-verify)     : {r_mi:10,.0f} responses/s   mean reward {sum(v for v, _ in x) / cfg.math:.3f}")
+        mean_m = sum(v for v, _ in x) / cfg.math
+        print(f"math inline (math-verify)     : {r_mi:10,.0f} responses/s   mean reward {mean_m:.3f}")
         print(f"math score_batch ({workers} workers)  : {r_mp:10,.0f} responses/s   (cold pool parse caches)")
     sys.exit(0 if ok else 1)
 
