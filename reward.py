@@ -344,6 +344,7 @@ _THOUSANDS = re.compile(r",(?<=\d,)(?=\d{3}(?!\d))")  # "1,000" -> "1000" (the c
 _SEPARATOR = re.compile(r"[;\n]|,(?!\d{3}(?!\d))")  # between items of a list (not a thousands comma)
 _PAREN = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")  # "(France)": a qualifier
 _POSSESSIVE = re.compile(r"'s\b")
+_POSSESSIVE_ANY = re.compile(r"'s\b", re.I)  # text whose case is kept: "SONY'S"
 _AS_SPACE = re.compile(r"[-/_]")  # "rock-and-roll" = "rock and roll"
 _PUNCT_CHARS = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]")  # any punctuation, except a decimal point
 _SLASH = re.compile(r"(?<!\d)/|/(?!\d)|\|")  # "Paris/London", "and/or"; "1/2" is a number
@@ -375,6 +376,7 @@ def _visible(s: str) -> str:
     return s if s.isascii() else s.translate(_VISIBLE)
 
 
+@lru_cache(maxsize=65536)
 def _bare_name(s: str) -> str:
     """'Dr. Ada K. Morrow' -> 'Ada Morrow': names compare without titles and middle initials."""
     if "." not in s and " " not in s.strip():
@@ -407,7 +409,8 @@ def _parts(s: str) -> list[str]:
     return [p for p in _SEPARATOR.split(_PAREN.sub(" ", s)) if _norm(p)]
 
 
-def _forms(s: str) -> set[str]:
+@lru_cache(maxsize=65536)
+def _forms(s: str) -> frozenset[str]:
     """The hedging shapes an answer has: yes_no, alternatives, list (3+ items), conjunction, negation."""
     words = set(_norm(s).split())
     out = set()
@@ -421,7 +424,7 @@ def _forms(s: str) -> set[str]:
         out.add("conjunction")
     if words & _NEGATIONS:
         out.add("negation")
-    return out
+    return frozenset(out)
 
 
 def _names(s: str) -> set[str]:
@@ -487,6 +490,12 @@ def _date(s: str) -> tuple[tuple[str, int], ...] | None:
     return tuple(fields + [("month", d.month)] + ([("year", d.year)] if years else []))
 
 
+@lru_cache(maxsize=8192)
+def _gold_date(gold: str) -> tuple[tuple[str, int], ...] | None:
+    """A gold's date; a bare year is one too ("1902": a date in 1902 names it)."""
+    return _date(gold) or ((("year", int(gold)),) if re.fullmatch(r"\d{3,4}", gold.strip()) else None)
+
+
 def _same_date(pred: tuple, gold: tuple, metric: str) -> bool:
     """Dates agree on every field both give; sub_em also pays a part that covers half the gold's fields, as for
     words ("December 2010" for "1 December 2010"), em needs the same fields, substring all of the gold's."""
@@ -507,6 +516,7 @@ _PASSAGE = re.compile(r"Passage \d+:")  # keychain.passages(): one document each
 # says nothing). "St. Louis", "J. R. R. Tolkien": an abbreviation's period closes nothing
 _CLAUSE_MARK = re.compile(r"([,;()\[\]])|([!?:\n]|\.(?!\S)(?<!\b[A-Z]\.)(?<!\bSt\.)(?<!\bMt\.)(?<!\bFt\.)(?<!\bJr\.)"
                           r"(?<!\bSr\.)(?<!\bCo\.)(?<!\bNo\.)(?<!\bvs\.)(?<!\bInc\.)(?<!\bLtd\.)(?<!\bBros\.))")
+_PUNCT_MARKED = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s\0\1]")  # _PUNCT_CHARS, clause marks kept
 _LINKS = frozenset("of in at on for from by and with to".split())  # "Bank of Vandria": each side names something
 _NAME_LINKS = frozenset("of de du da di del la le von van der den y".split())  # inside one name
 
@@ -515,22 +525,22 @@ def _tokens(text: str, title: bool = False) -> tuple[list[str], list[int]]:
     """Text as the words _norm would write ("\\0" after a clause mark, "\\1" after a sentence end) and each word's
     case: 1 capitalized, 0 lower case, -1 unknown (a sentence's first word, a number). title: the text is a
     passage's title line, whose first word's case is a name's."""
-    s = _THOUSANDS.sub("", _POSSESSIVE.sub("", _fold(_bare_name(text)).replace("&", " and ")))
+    s = _THOUSANDS.sub("", _POSSESSIVE_ANY.sub("", _fold(_bare_name.__wrapped__(text)).replace("&", " and ")))
+    s = _CLAUSE_MARK.sub(lambda m: " \0 " if m.group(1) else " \1 ", s)
     words: list[str] = []
     caps: list[int] = []
-    parts = _CLAUSE_MARK.split(s)
     start = not title
-    for i in range(0, len(parts), 3):
-        for w in _PUNCT_CHARS.sub("", _AS_SPACE.sub(" ", parts[i])).split():
-            low = w.lower()
-            if low not in ("a", "an", "the"):
-                words.append(_NUMBER_WORDS.get(low, low))
-                caps.append(-1 if start or not w[0].isalpha() else int(w[0].isupper()))
-            start = False
-        if i + 1 < len(parts):
-            start = parts[i + 2] is not None
-            words.append("\1" if start else "\0")
+    for w in _PUNCT_MARKED.sub("", _AS_SPACE.sub(" ", s)).split():
+        if w in ("\0", "\1"):
+            start = w == "\1"
+            words.append(w)
             caps.append(-1)
+            continue
+        low = w.lower()
+        if low not in ("a", "an", "the"):
+            words.append(_NUMBER_WORDS.get(low, low))
+            caps.append(-1 if start or not w[0].isalpha() else int(w[0].isupper()))
+        start = False
     return words, caps
 
 
@@ -543,7 +553,12 @@ class Passages:
         self.low = self.raw.lower()
         if len(self.low) != len(self.raw):  # a rare letter changed length: case is unknown, positions still agree
             self.raw = self.low
-        self.starts = sorted({0} | {m.start() for m in _PASSAGE.finditer(self.raw)})
+        starts, at = [0], self.raw.find("Passage ")
+        while at >= 0:  # str.find, not a regex scan: a 16K-token prompt is read once per group
+            if at and _PASSAGE.match(self.raw, at):
+                starts.append(at)
+            at = self.raw.find("Passage ", at + 8)
+        self.starts = starts
         self._tok: dict[int, tuple[list[str], list[int], str]] = {}
         self._usage: dict[str, tuple[bool, bool]] = {}
 
@@ -553,7 +568,8 @@ class Passages:
             end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.raw)
             text = self.raw[self.starts[i]:end]
             head = _PASSAGE.match(text)
-            lines = text[head.end():].split("\n", 2) if head else []
+            text = text[head.end():] if head else text  # "Passage 3:" is no part of what it says
+            lines = text.split("\n", 2)
             if len(lines) == 3 and not lines[0].strip() and 0 < len(lines[1].split()) <= 12 and lines[1][-1:] != ".":
                 words, caps = _tokens(lines[1], title=True)  # a title: a name, whatever its position
                 more = _tokens(lines[2])
@@ -582,11 +598,13 @@ class Passages:
                 i = bisect.bisect_right(self.starts, pos) - 1
             elif i >= len(self.starts):
                 return
-            joined = self.passage(i)[2]
-            at = joined.find(f" {phrase} ")
-            while at >= 0:
-                yield i, joined.count(" ", 0, at), at
-                at = joined.find(f" {phrase} ", at + 1)
+            end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.low)
+            if order is not None or all(self.low.find(w, self.starts[i], end) >= 0 for w in words if w.isalpha()):
+                joined = self.passage(i)[2]
+                at = joined.find(f" {phrase} ")
+                while at >= 0:
+                    yield i, joined.count(" ", 0, at), at
+                    at = joined.find(f" {phrase} ", at + 1)
             i += 1
             if order is None:
                 pos = self.low.find(anchor, self.starts[i]) if i < len(self.starts) else -1
@@ -753,6 +771,13 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
         raise ValueError(f"unknown qa_metric {m!r} (one of {QA_METRICS})")
     if "{" in pred or "}" in pred:
         return 0.0, "braces"
+    # 1) a date is read as a date, whatever its written form ("Friday, June 5, 1902" = "5 June 1902"): a date and
+    #    nothing else has no hedge in it, so this comes before the hedging forms
+    golds = [_bare_name(g) for g in golds]
+    dated = [_gold_date(g) for g in golds]
+    whole_date = _date(_PAREN.sub(" ", pred)) if any(dated) and m in ("sub_em", "substring", "em") else None
+    if whole_date:
+        return (1.0, m) if any(d and _same_date(whole_date, d, m) for d in dated) else (0.0, "date")
     have, allowed = _forms(pred), set().union(*map(_forms, golds))
     for rule in _FORM_RULES:
         if rule in have and rule not in allowed:
@@ -764,16 +789,14 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
     pred = _bare_name(pred)
     head = (_parts(pred) or [pred])[0]
     why = m
-    for gold in map(_bare_name, golds):
-        # 1) a date is read as a date, whatever its written form ("June 5, 1902" = "5 June 1902")
-        gd = _date(gold) or ((("year", int(gold)),) if re.fullmatch(r"\d{3,4}", gold.strip()) else None)
-        pd = _date(_PAREN.sub(" ", pred)) or _date(head) if gd else None
-        if pd:
-            if _same_date(pd, gd, m):
+    for gold, gd in zip(golds, dated):
+        # 2) a date at the head ("June 1902, in Tollen")
+        if gd and (hd := _date(head)):
+            if _same_date(hd, gd, m):
                 return 1.0, m
             why = "date"
             continue
-        # 2) "New York, USA": the head is the answer, a qualifier after it earns nothing; unless the gold has parts
+        # 3) "New York, USA": the head is the answer, a qualifier after it earns nothing; unless the gold has parts
         whole = m == "em" or len(_parts(gold)) > 1 or bool(_PAREN.search(gold))
         raw = pred if whole else head
         for p in _norms(raw):
@@ -784,14 +807,14 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
                     if p == g:
                         return 1.0, m
                 elif f" {g} " in f" {p} ":  # whole words: "art" is not in "cartoon"
-                    # 3) words beside the gold must describe it, never name a second candidate
+                    # 4) words beside the gold must describe it, never name a second candidate
                     extra = Counter(_content(p)) - Counter(_content(g))
                     rule = _beside(p, g, raw, extra, row, cfg) if extra else None
                     if rule is None:
                         return 1.0, m
                     why = rule
                 elif m == "sub_em" and f" {p} " in f" {g} ":
-                    # 4) a part of the gold must name the gold, and nothing else the passages name
+                    # 5) a part of the gold must name the gold, and nothing else the passages name
                     rule = _part(p, g, row)
                     if rule is None:
                         return 1.0, m
