@@ -477,11 +477,13 @@ def _date(s: str) -> tuple[tuple[str, int], ...] | None:
     if named:
         if len(days) > 1:
             return None
-    elif len(nums) != 3 or len(years) != 1 or (nums[0] not in years and days[0] != days[1]
-                                               and int(days[0]) <= 12 and int(days[1]) <= 12):
-        return None  # all numbers: d/m/y or y-m-d, and "05/06/1902" is two dates
+    elif len(nums) != 3 or len(years) != 1:
+        return None
+    elif nums[0] not in years and "." not in s and days[0] != days[1] and max(map(int, days)) <= 12:
+        return None  # all numbers: y-m-d, d.m.y (day first, by convention) or an unambiguous d/m/y; "05/06/1902" is two
     try:
-        d = dateparser.parse(re.sub(r"(?i)\b(?:the|of|on)\b", " ", s), default=datetime(2000, 1, 1))  # leap: 29 Feb
+        d = dateparser.parse(re.sub(r"(?i)\b(?:the|of|on)\b", " ", s), default=datetime(2000, 1, 1),  # leap: 29 Feb
+                             dayfirst="." in s and not named and nums[0] not in years)
     except (ValueError, OverflowError):
         return None
     if d.hour or d.minute or d.second:  # read as a time of day
@@ -523,8 +525,8 @@ _NAME_LINKS = frozenset("of de du da di del la le von van der den y".split())  #
 
 def _tokens(text: str, title: bool = False) -> tuple[list[str], list[int]]:
     """Text as the words _norm would write ("\\0" after a clause mark, "\\1" after a sentence end) and each word's
-    case: 1 capitalized, 0 lower case, -1 unknown (a sentence's first word, a number). title: the text is a
-    passage's title line, whose first word's case is a name's."""
+    case: 1 capitalized inside a sentence, 2 capitalized as a sentence's first word, 0 lower case, -1 neither (a
+    number, a mark). title: the text is a passage's title line, whose first word's case is a name's."""
     s = _THOUSANDS.sub("", _POSSESSIVE_ANY.sub("", _fold(_bare_name.__wrapped__(text)).replace("&", " and ")))
     s = _CLAUSE_MARK.sub(lambda m: " \0 " if m.group(1) else " \1 ", s)
     words: list[str] = []
@@ -539,7 +541,7 @@ def _tokens(text: str, title: bool = False) -> tuple[list[str], list[int]]:
         low = w.lower()
         if low not in ("a", "an", "the"):
             words.append(_NUMBER_WORDS.get(low, low))
-            caps.append(-1 if start or not w[0].isalpha() else int(w[0].isupper()))
+            caps.append(-1 if not w[0].isalpha() else 0 if w[0].islower() else 2 if start else 1)
         start = False
     return words, caps
 
@@ -626,6 +628,11 @@ class Passages:
             self._usage[word] = (upper, lower)
         return self._usage[word]
 
+    def named(self, word: str, case: int) -> bool:
+        """A word written with this case is a name: capitalized inside a sentence, or first in one and never written
+        in lower case ("Greater Brell has ..."; not "Several archives ...")."""
+        return case == 1 or (case == 2 and not self.usage(word)[1])
+
     def is_name(self, word: str) -> bool:
         """Written capitalized inside a sentence and never in lower case: "Vandria", not "city"."""
         upper, lower = self.usage(word)
@@ -675,8 +682,7 @@ def _same_entity(ps: Passages, short: str, long: str) -> bool:
 def _one_name(ps: Passages, i: int, k: int, n: int) -> bool:
     """Words k..k+n of passage i are one capitalized name ("Bank of Vandria"), not two joined by a small word."""
     words, caps, _ = ps.passage(i)
-    return all(w in _NAME_LINKS or c == 1 or (c == -1 and (ps.is_name(w) or w.isdigit()))
-               for w, c in zip(words[k:k + n], caps[k:k + n]))
+    return all(w in _NAME_LINKS or w.isdigit() or ps.named(w, c) for w, c in zip(words[k:k + n], caps[k:k + n]))
 
 
 # ----------------------------------------------------------------------------- QA: the rules
@@ -732,8 +738,7 @@ def _part(pred: str, gold: str, row: dict) -> str | None:
         if any(c == 0 for w, c in zip(p, caps[k:k + len(p)]) if w not in _STOP):
             return "ambiguous"  # a common word here: "a city in ..."
         for n in (k - 1, k + len(p)):
-            if 0 <= n < len(words) and words[n] not in _STOP and len(words[n]) > 1 and (
-                    caps[n] == 1 or (caps[n] == -1 and ps.is_name(words[n]))):
+            if 0 <= n < len(words) and words[n] not in _STOP and len(words[n]) > 1 and ps.named(words[n], caps[n]):
                 return "ambiguous"  # part of another name: "Korea" in "North Korea", "Films" in "Brisk Films"
         first = joined.find(f" {gold} ")
         if first < 0 or first > at:
@@ -756,8 +761,11 @@ def _beside(pred: str, gold: str, raw: str, extra: Counter, row: dict, cfg: Conf
     if not hits:
         return "extra_words"  # not a phrase of the passages: "Paris London", "Paris city"
     n = len(pred.split())
-    if not any(ps.is_name(w) for w in extra) and not any(
-            c == 1 and w in extra for i, k, _ in hits for w, c in zip(*(x[k:k + n] for x in ps.passage(i)[:2]))):
+    named = any(ps.is_name(w) for w in extra)  # a name somewhere in the passages, or written as one right here
+    for i, k, _ in hits:
+        words, caps, _ = ps.passage(i)
+        named = named or any(w in extra and ps.named(w, c) for w, c in zip(words[k:k + n], caps[k:k + n]))
+    if not named:
         return None  # descriptors: "the city of Paris"
     if not any(_one_name(ps, i, k, n) for i, k, _ in hits):
         return "extra_words"  # two names: "Tollen in northern Vandria", "Ostrel Films with Brisk Pictures"
@@ -899,7 +907,7 @@ _VALUE_COMMANDS = frozenset(
 _VALUE_CHARS = frozenset(string.ascii_letters + string.digits + " \t\n+-*/^_.,()[]{}='!%")
 _COMMAND = re.compile(r"\\([A-Za-z]+)|\\(.)", re.S)
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree(?![A-Za-z])|\\text\{\s*°\s*\}|°")  # 90^\circ, 90°
-_DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\\[,;: ]|\s)(?=\d{3}(?!\d))")  # "1\,000", "1 000": one number
+_DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\\[,;: ]|\s|~)(?=\d{3}(?!\d))")  # "1\,000", "1 000": one number
 _PERCENT = re.compile(r"%|\\text\{\s*percent\s*\}|\bpercent\b")  # math-verify reads 3% as 3 and as 0.03
 _BASE = re.compile(r"(?<![\\\w])(?=[0-9A-Fa-f]*\d)[0-9A-Fa-f]+_\{?\(?(\d+)\)?\}?")  # 43_5, 1A_{16}: the base
 _TEXT_ARG = re.compile(r"\\(?:text[a-z]*|mbox|mathrm)\s*\{([^{}]*)\}")

@@ -845,7 +845,8 @@ VANDRIA = [
     ("Tesselvor Studios", "Tesselvor Studios is a production company founded in 1950."),
     ("The Polist", "The Polist is a film released in 1954. It was produced by Ostrel Films with Brisk Pictures."),
     ("The Polist II", "The Polist II is a film released in 1961, the sequel to The Polist."),
-    ("Selsa Nezel", "Selsa Nezel (1903–1971) was a filmmaker. Nezel was born on 5 June 1903 in Tollen in northern Vandria."),
+    ("Selsa Nezel", "Selsa Nezel (1903–1971) was a filmmaker. Nezel was born on 5 June 1903 in Tollen in northern "
+                    "Vandria."),
     ("South Korea", "South Korea is a country in East Asia. It borders North Korea."),
     ("North Korea", "North Korea is a country in East Asia."),
     ("Ireland", "Ireland is an island in the North Atlantic. Its largest city is Dublin."),
@@ -867,6 +868,19 @@ ORLAN = [
     ("The Ember Road", "The Ember Road is a 1966 novel. It was published by Corvane Records with Halden Records."),
     ("The Ember Road Returns", "The Ember Road Returns is a 1971 novel, the sequel to The Ember Road."),
     ("Mira Soltane", "Mira Soltane was a novelist and the founder of a university. Soltane was born in Pellam."),
+]
+OSK = [
+    ("Lake Varn", "Lake Varn is a lake in the Osk highlands. The Varn River drains Lake Varn."),
+    ("Varn River", "The Varn River is a river that flows into the Hessel Sea."),
+    ("Varn", "Varn is a town on the shore of the lake, founded in 1712."),
+    ("Osk County", "Osk County is a county whose seat is Brell."),
+    ("Hale & Dorne", "Hale & Dorne is a publishing house founded in 1899 by Tomas Hale and Ivo Dorne."),
+    ("Kira Vell", "Dame Kira A. Vell (12 May 1931 – 4 April 2002) was a novelist. Vell lived in Brell."),
+    ("Night of the Vale", "Night of the Vale is a 1958 novel by Kira Vell, published by Hale & Dorne."),
+    ("Night of the Vale Returns", "Night of the Vale Returns is its 1963 sequel."),
+    ("Brell", "Brell is a town in Osk County. Greater Brell has 40,000 people."),
+    ("Juno Pictures", "Juno Pictures is a studio in Brell. It adapted Night of the Vale in 1960."),
+    ("Arden Pictures", "Arden Pictures is a studio in Varn."),
 ]
 
 
@@ -897,6 +911,8 @@ def paid(world, gold, answer, kind="qa"):
     (VANDRIA, "Dunber City", "city", "Dunber"), (VANDRIA, "Ostrel Films", "Films", "Ostrel"),
     (VANDRIA, "Tesselvor Studios", "Studios", "Tesselvor"), (ORLAN, "Kestrel Valley", "Valley", "Kestrel"),
     (ORLAN, "Corvane Records", "Records", "Corvane"), (ORLAN, "Corvane Records", "the label", "Corvane Records"),
+    (OSK, "Lake Varn", "Lake", "Lake Varn"), (OSK, "Osk County", "County", "Osk County"),
+    (OSK, "Juno Pictures", "Pictures", "Juno"), (OSK, "Hessel Sea", "Sea", "the Hessel Sea"),
 ])
 def test_blocks_generic_head_word(world, gold, hack, right):
     assert paid(world, gold, hack)[0] == 0.0
@@ -909,6 +925,8 @@ def test_blocks_generic_head_word(world, gold, hack, right):
     (VANDRIA, "Bank of Vandria", "Vandria", "fragment", "the Bank of Vandria"),
     (VANDRIA, "Bank of Vandria", "Bank", "fragment", None), (ORLAN, "West Orlan", "Orlan", "ambiguous", "West Orlan"),
     (ORLAN, "University of Pellam", "Pellam", "fragment", "University of Pellam"),
+    (OSK, "Lake Varn", "Varn", "ambiguous", None), (OSK, "Varn River", "Varn", "ambiguous", "the Varn River"),
+    (OSK, "Osk County", "Osk", "ambiguous", None), (OSK, "Hale & Dorne", "Hale", "fragment", "Hale and Dorne"),
 ])
 def test_blocks_part_naming_another_entity(world, gold, hack, rule, right):
     assert paid(world, gold, hack) == (0.0, rule)
@@ -918,11 +936,15 @@ def test_blocks_part_naming_another_entity(world, gold, hack, rule, right):
 
 @pytest.mark.parametrize("world,span,golds", [
     (VANDRIA, "(1903–1971)", ["1903", "1971"]), (VANDRIA, "1903-1971", ["1903", "1971"]),
-    (VANDRIA, "Tollen in northern Vandria", ["Tollen", "Vandria"]), (VANDRIA, "1794 by Ansel Kerrow", ["1794", "Ansel Kerrow"]),
+    (VANDRIA, "Tollen in northern Vandria", ["Tollen", "Vandria"]),
+    (VANDRIA, "1794 by Ansel Kerrow", ["1794", "Ansel Kerrow"]),
     (VANDRIA, "Ostrel Films with Brisk Pictures", ["Ostrel Films", "Brisk Pictures"]),
     (ORLAN, "(1911–1988)", ["1911", "1988"]), (ORLAN, "Pellam in eastern Orlan", ["Pellam", "Orlan"]),
     (ORLAN, "1881 by Mira Soltane", ["1881", "Mira Soltane"]),
     (ORLAN, "Corvane Records with Halden Records", ["Corvane Records", "Halden Records"]),
+    (OSK, "12 May 1931 – 4 April 2002", ["12 May 1931", "4 April 2002"]),
+    (OSK, "Brell in Osk County", ["Brell", "Osk County"]),
+    (OSK, "1899 by Tomas Hale", ["1899", "Tomas Hale"]),
 ])
 def test_blocks_one_copied_span_holding_two_candidates(world, span, golds):
     for gold in golds:  # copied verbatim from the passages, and still refused for either candidate
@@ -939,6 +961,8 @@ def test_accepts_descriptors_copied_from_the_passages():
 @pytest.mark.parametrize("world,gold,longer", [
     (VANDRIA, "Ireland", "Northern Ireland"), (VANDRIA, "York", "New York"), (VANDRIA, "The Polist", "The Polist II"),
     (ORLAN, "Pellam", "Greater Pellam"), (ORLAN, "The Ember Road", "The Ember Road Returns"),
+    (OSK, "Brell", "Greater Brell"),  # its capital shows only at a sentence start
+    (OSK, "Night of the Vale", "Night of the Vale Returns"),
 ])
 def test_blocks_longer_name_holding_the_gold(world, gold, longer):
     assert paid(world, gold, longer) == (0.0, "longer_name")
@@ -946,7 +970,7 @@ def test_blocks_longer_name_holding_the_gold(world, gold, longer):
 
 
 @pytest.mark.parametrize("world,short,full", [(VANDRIA, "Obama", "Barack Obama"), (ORLAN, "Soltane", "Mira Soltane"),
-                                              (VANDRIA, "Nezel", "Selsa Nezel")])
+                                              (VANDRIA, "Nezel", "Selsa Nezel"), (OSK, "Vell", "Kira Vell")])
 def test_accepts_full_name_of_a_short_gold_and_the_reverse(world, short, full):
     assert paid(world, short, full) == (1.0, "sub_em")  # the passages use the short name after the full one
     assert paid(world, full, short) == (1.0, "sub_em")
@@ -957,6 +981,7 @@ def test_accepts_full_name_of_a_short_gold_and_the_reverse(world, short, full):
     (VANDRIA, "Ada K. Morrow", ["Ada Morrow", "Dr. Ada K. Morrow"]),
     (ORLAN, "Lio Dask", ["Prof. Lio T. Dask", "Professor Lio Dask", "Lio T. Dask"]),
     (ORLAN, "Prof. Lio T. Dask", ["Lio Dask"]),
+    (OSK, "Kira Vell", ["Dame Kira Vell", "Kira A. Vell", "Dame Kira A. Vell", "Kira Vell (novelist)"]),
 ])
 def test_accepts_name_without_middle_initial_or_title(world, gold, answers):
     for answer in answers:
@@ -967,7 +992,7 @@ def test_accepts_name_without_middle_initial_or_title(world, gold, answers):
 
 @pytest.mark.parametrize("gold,right,wrong", [
     ("5 June 1903", ["June 5, 1903", "1903-06-05", "5th June 1903", "the 5th of June, 1903", "Friday, June 5, 1903",
-                     "5 Jun 1903", "05/06/1903" if False else "1903/06/05", "June 1903"],
+                     "5 Jun 1903", "1903/06/05", "05.06.1903", "June 1903"],
      ["June 6, 1903", "5 June 1904", "June 5–6, 1903", "1903", "June", "05/06/1903", "June 5, 1903 or June 6, 1903"]),
     ("March 3, 1911", ["3 March 1911", "1911-03-03", "3rd March 1911", "March 3rd, 1911", "3 March"],
      ["4 March 1911", "1911-03-04", "March 3, 1912", "March 3, 1911, 1912 and 1913", "1911"]),
@@ -1052,7 +1077,8 @@ def test_blocks_math_percent_and_wrong_base(gold, hack, rule):
 
 @pytest.mark.parametrize("gold,pred", [
     ("90", "90\\degree"), ("90", "90°"), ("90", "90^{\\circ}"), ("90^\\circ", "90"), ("1000", "1\\,000"),
-    ("1000000", "1\\,000\\,000"), ("1000", "1 000"), ("12\\%", "12\\%"), ("43_5", "43_{5}"), ("43", "43_{10}"),
+    ("1000000", "1\\,000\\,000"), ("1000", "1 000"), ("1000", "1~000"), ("12\\%", "12\\%"), ("43_5", "43_{5}"),
+    ("43", "43_{10}"),
 ])
 def test_accepts_math_degrees_thin_spaces_and_bases(gold, pred):
     assert rr(math_row(gold), T + f"\\boxed{{{pred}}}")[0] == 1.0
