@@ -92,8 +92,11 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterator
+
+from dateutil import parser as dateparser  # python-dateutil: dates in any written form
 
 from keychain import DataError, parse_config, read_records, write_rows
 
@@ -445,30 +448,22 @@ _DATE_TOKEN = re.compile(r"\d+|[^\W\d_]+|[^\s\w]")
 _DATE_WORDS = frozenset("of the on st nd rd th , . / -".split())
 
 
-@lru_cache(maxsize=1)
-def _date_info() -> Any:
-    from dateutil import parser as dateparser  # python-dateutil: month and weekday names, the values
-
-    return dateparser.parserinfo()
+_DATE_NAMES = dateparser.parserinfo()  # month and weekday names in English, full and short ("Sept", "Thu")
 
 
 @lru_cache(maxsize=8192)
 def _date(s: str) -> tuple[tuple[str, int], ...] | None:
     """(("day", 5), ("month", 6), ("year", 1902)) for "June 5, 1902", "5th June 1902", "1902-06-05", ...; None unless
     the text is a date and nothing else: a month (by name, or all-number with a 3-4 digit year), at most one day and
-    one year. An all-number date must be unambiguous (year first, or a day over 12). dateutil reads the values."""
-    from datetime import datetime
-
-    from dateutil import parser as dateparser
-
-    info = _date_info()
+    one year. An all-number date is y-m-d, d.m.y (day first, by convention) or a d/m/y that only one reading fits
+    ("25/06/1902"; "05/06/1902" is two dates). dateutil reads the values."""
     nums, named = [], 0
     for t in _DATE_TOKEN.findall(s.lower()):
         if t.isdigit():
             nums.append(t)
-        elif info.month(t) is not None:
+        elif _DATE_NAMES.month(t) is not None:
             named += 1
-        elif t not in _DATE_WORDS and info.weekday(t) is None:
+        elif t not in _DATE_WORDS and _DATE_NAMES.weekday(t) is None:
             return None  # a word no date has: "June 5 or 6", "born June 1902"
     years = [n for n in nums if len(n) in (3, 4)]
     days = [n for n in nums if len(n) <= 2]
@@ -480,7 +475,7 @@ def _date(s: str) -> tuple[tuple[str, int], ...] | None:
     elif len(nums) != 3 or len(years) != 1:
         return None
     elif nums[0] not in years and "." not in s and days[0] != days[1] and max(map(int, days)) <= 12:
-        return None  # all numbers: y-m-d, d.m.y (day first, by convention) or an unambiguous d/m/y; "05/06/1902" is two
+        return None
     try:
         d = dateparser.parse(re.sub(r"(?i)\b(?:the|of|on)\b", " ", s), default=datetime(2000, 1, 1),  # leap: 29 Feb
                              dayfirst="." in s and not named and nums[0] not in years)
@@ -583,33 +578,33 @@ class Passages:
 
     def find(self, phrase: str) -> Iterator[tuple[int, int, int]]:
         """(passage, word index, position in the passage's joined text) of each occurrence of a normalized phrase
-        inside one clause, passages in order. The phrase's longest word leads to the passages worth tokenizing."""
+        inside one clause, passages in order. Only passages holding every word of letters are tokenized; the
+        phrase's longest word leads to them. (A word normalization rewrote, "oneill" of "O'Neill", is missed: the
+        phrase counts as absent, the strict side.)"""
         words = phrase.split()
         if not words:
             return
         anchor = max(words, key=lambda w: (w.isalpha(), len(w)))
         pos = self.low.find(anchor)
-        if pos < 0 and anchor.isalpha():  # a word of letters is written as it is: the phrase is not there
+        if pos < 0 and anchor.isalpha():
             return
-        order = range(len(self.starts)) if pos < 0 else None  # digits may be spelled: read every passage
-        i = 0
-        while True:
-            if order is None:
-                if pos < 0:
-                    return
-                i = bisect.bisect_right(self.starts, pos) - 1
-            elif i >= len(self.starts):
-                return
+        every = pos < 0  # a number may be spelled out ("three"): read every passage
+        i = 0 if every else bisect.bisect_right(self.starts, pos) - 1
+        while i < len(self.starts):
             end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.low)
-            if order is not None or all(self.low.find(w, self.starts[i], end) >= 0 for w in words if w.isalpha()):
+            if every or all(self.low.find(w, self.starts[i], end) >= 0 for w in words if w.isalpha()):
                 joined = self.passage(i)[2]
                 at = joined.find(f" {phrase} ")
                 while at >= 0:
                     yield i, joined.count(" ", 0, at), at
                     at = joined.find(f" {phrase} ", at + 1)
-            i += 1
-            if order is None:
-                pos = self.low.find(anchor, self.starts[i]) if i < len(self.starts) else -1
+            if every:
+                i += 1
+                continue
+            pos = self.low.find(anchor, end)
+            if pos < 0:
+                return
+            i = bisect.bisect_right(self.starts, pos) - 1
 
     def usage(self, word: str) -> tuple[bool, bool]:
         """(written capitalized inside a sentence, written in lower case) anywhere in the passages."""
@@ -708,9 +703,9 @@ def _nouns() -> frozenset[str]:
 
 
 def _generic(word: str) -> bool:
-    forms = [word, word[:-3] + "y", word[:-2], word[:-1]] if word.endswith("ies") else [word, word[:-1], word[:-2]] \
-        if word.endswith("s") else [word]
-    return any(w in _nouns() for w in forms)
+    """An English common noun, singular or plural ("studios", "cities")."""
+    forms = {word, word[:-1], word[:-2], word[:-3] + "y"} if word.endswith("s") else {word}
+    return bool(forms & _nouns())
 
 
 def _part(pred: str, gold: str, row: dict) -> str | None:
@@ -781,8 +776,8 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
         return 0.0, "braces"
     # 1) a date is read as a date, whatever its written form ("Friday, June 5, 1902" = "5 June 1902"): a date and
     #    nothing else has no hedge in it, so this comes before the hedging forms
-    golds = [_bare_name(g) for g in golds]
-    dated = [_gold_date(g) for g in golds]
+    bare = [_bare_name(g) for g in golds]  # "Dr. Ada K. Morrow" = "Ada Morrow" (the metrics below read golds as given)
+    dated = [_gold_date(g) for g in bare]
     whole_date = _date(_PAREN.sub(" ", pred)) if any(dated) and m in ("sub_em", "substring", "em") else None
     if whole_date:
         return (1.0, m) if any(d and _same_date(whole_date, d, m) for d in dated) else (0.0, "date")
@@ -797,7 +792,7 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
     pred = _bare_name(pred)
     head = (_parts(pred) or [pred])[0]
     why = m
-    for gold, gd in zip(golds, dated):
+    for gold, gd in zip(bare, dated):
         # 2) a date at the head ("June 1902, in Tollen")
         if gd and (hd := _date(head)):
             if _same_date(hd, gd, m):
