@@ -363,6 +363,15 @@ _INITIALS = re.compile(r"\b([A-Z][a-z]+)(?:(?:\s+[A-HJ-UWYZ]\.)+|(?:\s+[A-HJ-UWY
                        r"|\b([a-z]{2,})(?:\s+[a-hj-uwyz]\.)+\s*(?=[a-z]{2})")  # not I, V, X: "World War I. The"
 
 
+def _forms_of(word: str) -> list[str]:
+    """The word and its singular if it is a plural: "cities" -> city, "boxes" -> box, "films" -> film."""
+    if word.endswith("ies"):
+        return [word, word[:-3] + "y"]
+    if word.endswith("es"):
+        return [word, word[:-1], word[:-2]]
+    return [word, word[:-1]] if word.endswith("s") else [word]
+
+
 def _fold(s: str) -> str:
     """Accents off (NFKD: "São" -> "Sao"), curly quotes and dashes straightened; case kept."""
     if s.isascii():  # the common case, and the fast one
@@ -635,8 +644,7 @@ class Passages:
 
     def is_common(self, word: str) -> bool:
         """Written in lower case, as it is or in the singular: "city", "films" (the passages say "a film")."""
-        singular = [word[:-3] + "y"] if word.endswith("ies") else [word[:-1]] if word.endswith("s") else []
-        return any(self.usage(w)[1] for w in [word] + singular if len(w) > 2)
+        return any(self.usage(w)[1] for w in _forms_of(word) if len(w) > 2)
 
 
 @lru_cache(maxsize=16)  # a prompt is scored G times in a row
@@ -704,8 +712,7 @@ def _nouns() -> frozenset[str]:
 
 def _generic(word: str) -> bool:
     """An English common noun, singular or plural ("studios", "cities")."""
-    forms = {word, word[:-1], word[:-2], word[:-3] + "y"} if word.endswith("s") else {word}
-    return bool(forms & _nouns())
+    return any(w in _nouns() for w in _forms_of(word))
 
 
 def _part(pred: str, gold: str, row: dict) -> str | None:
