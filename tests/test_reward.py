@@ -828,7 +828,7 @@ def test_cli_help():
 
 
 # ----------------------------------------------------------------------------- issue 23: rows with passages
-# Two invented worlds written as keychain.py writes rows ("Passage N:\nTitle\nText", then the question), each holding
+# Three invented worlds written as keychain.py writes rows ("Passage N:\nTitle\nText", then the question), each holding
 # the ambiguous-entity kinds: two regions sharing a word, an "X of Y" name, a name with a generic head beside other
 # names with that head, a lifespan, "A in northern B", "<year> by <founder>", two studios in one clause, a short name
 # inside a longer one, a full name then its surname, a title and a middle initial.
@@ -898,12 +898,12 @@ def world_row(world, *golds, kind="qa", seed=0):
     return {"id": "w", "source": "hotpotqa", "kind": kind, "answers": list(golds), "messages": chat(user)}
 
 
-def paid(world, gold, answer, kind="qa"):
-    """(reward, rule) of a boxed answer on a row of the world, as QA and as a KeyChain row agree."""
-    got = {rr(world_row(world, gold, kind=k, seed=s), T + f"\\boxed{{{answer}}}") for k in (kind, "keychain")
+def paid(world, gold, answer):
+    """(reward, rule) of a boxed answer on rows of the world: QA and KeyChain rows, two passage orders, all agree."""
+    got = {rr(world_row(world, gold, kind=k, seed=s), T + f"\\boxed{{{answer}}}") for k in ("qa", "keychain")
            for s in (0, 1)}
-    assert len({r for r, _ in got}) == 1, (gold, answer, got)
-    return sorted(got)[0]
+    assert len(got) == 1, (gold, answer, got)
+    return got.pop()
 
 
 @pytest.mark.parametrize("world,gold,hack,right", [
