@@ -1132,3 +1132,16 @@ def test_passage_words_are_norm_words():
     for _ in range(500):
         s = " ".join(rng.choices(atoms, k=rng.randint(1, 6)))
         assert reward._tokens(s)[0] == reward._norm(s).split(), s
+
+
+def test_passage_rules_never_crash_on_any_answer():
+    rng = random.Random(0)
+    atoms = ["City", "city", "Vandria", "Korea", "North", "of", "in northern", "1903", "–", "(", ")", "Dr.", "K.", "by",
+             "with", "June", "5", ",", "Ada", "Morrow", "the", "Ireland", "Obama", "Barack", "II", "Films", "O'Neill",
+             "three", "1,000", "São", "\u200b", "Passage 2:", "\n", "Varn", "Lake", "&", "’s", "e.g.", "St."]
+    rows = [world_row(w, g, kind=k) for w, g in ((VANDRIA, "Marrowby City"), (VANDRIA, "5 June 1903"),
+                                                  (OSK, "Kira Vell"), (ORLAN, "Bank of Vandria")) for k in ("qa", "keychain")]
+    for i in range(1500):
+        answer = " ".join(rng.choices(atoms, k=rng.randint(1, 6)))
+        r, d = score(rows[i % len(rows)], T + f"\\boxed{{{answer}}}")
+        assert r in (0.0, 1.0) and d["rule"], answer
