@@ -43,7 +43,8 @@ QA (keychain, qa). Only the head is graded: "Paris, London" and "Paris (France)"
                "Marrowby City": "a city in"; "Films" where they say "a film"), or an English common noun
                (wonderwords' list: "Studios", "River") that the passages never use alone for the gold.
   ambiguous    a part the passages also use for something else: inside another name ("Korea" for "South Korea"
-               beside "North Korea", "Films" beside "Brisk Films") or alone before or without the gold ("Vandria").
+               beside "North Korea", "Films" beside "Brisk Films") or alone, before or without the gold ("Varn" for
+               "Lake Varn" where a passage is about the town of Varn).
   date         another date ("June 6, 1902" for "5 June 1902").
 Choice, RULER, math:
   choice_unparsed  no single option letter ("A) or B)", "A/C", "A cat").
@@ -744,7 +745,7 @@ def _part(pred: str, gold: str, row: dict) -> str | None:
                 return "ambiguous"  # part of another name: "Korea" in "North Korea", "Films" in "Brisk Films"
         first = joined.find(f" {gold} ")
         if first < 0 or first > at:
-            return "ambiguous"  # a name of its own: "Vandria" (the country) for "Bank of Vandria"
+            return "ambiguous"  # a name of its own: "Varn" (the town) for "Lake Varn"
         short = True  # the gold's short name: "Barack Obama ... Obama"
     return "generic" if generic and not short else None
 
