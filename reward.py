@@ -13,44 +13,60 @@ keychain, qa -> QA rule (qa_metric: sub_em | substring | em | f1 | hotpot_f1); r
 else; choice -> the letter; math -> Minerva normalization (DAPO), then math-verify.
 
 Guards (qa_rule=guarded, the default). The policy optimizes whatever is paid, so each rule below closes a way to
-be paid without being right; each scores 0 and names itself in diag["rule"]:
+be paid without being right; each scores 0 and names itself in diag["rule"]. Every kind:
   length       the completion hit the token limit (finish="length"): its text is cut, whatever it holds.
-  no_think     no </think>: a response cut mid-reasoning ("<think>maybe \\boxed{Paris} hmm... Lond") has no final
-               answer, only drafts.
-  multi_box    two different answers after </think> ("\\boxed{London} ... \\boxed{Paris}", a box inside a box):
-               a hedge. Identical boxes count once and empty boxes ("in \\boxed{} form") are ignored; RULER joins
-               its boxes (values may be spread over them).
+  no_think     no </think>: a response cut mid-reasoning ("<think>maybe \\boxed{Paris} hmm... Lond") is drafts.
+  multi_box    two different answers after </think> ("\\boxed{London} ... \\boxed{Paris}", a box in a box). Identical
+               boxes count once, empty ones ("in \\boxed{} form") not at all; RULER joins its boxes.
   empty        an answer that normalizes to "" ("\\boxed{the}"): "" is inside every gold. Wrong in every mode.
-  too_long     longer than the longest gold (ruler: all golds) by more than max_answer_chars (128, as the
-               authors' strict mode): a long enumeration of candidates.
-  braces       "{" or "}" left in a QA answer once every \\text-like wrapper is removed ("{London}, {Paris}").
-  list         three or more comma / semicolon / line separated items ("Paris, London, Berlin") when the gold
-               has fewer. With one comma ("New York, USA") only the first item is graded: the gold must be the
-               head, a qualifier after it earns nothing, so "Paris, London" pays only when Paris is right.
+  too_long     longer than the longest gold (ruler: all golds) by over max_answer_chars (128, the authors' strict
+               mode): a long enumeration of candidates.
+QA (keychain, qa). Only the head is graded: "Paris, London" and "Paris (France)" are Paris, a qualifier earns nothing.
+  braces       "{" or "}" left once every \\text-like wrapper is removed ("{London}, {Paris}").
+  list         three or more comma / semicolon / line separated items ("Paris, London, Berlin").
   alternatives "or", "either", "vs", "and/or", a slash ("Paris or London", "Paris/London"; math: \\lor, \\vee).
-  conjunction  "and" joining candidates ("Paris and London") when the gold has no "and".
+  conjunction  "and" joining candidates ("Paris and London").
   negation     "not Paris", "neither ... nor", "no": says what is not the answer.
   yes_no       both "yes" and "no".
-  extra_words  words beside the gold ("Paris London", "paris in london", "1998 1999") when the answer is not a
-               phrase of the prompt's passages ("Barack Obama" for "Obama" is; without passages, as in evaluation,
-               only names and numbers count), or more than max_extra_words of them ("Paris London Berlin Rome").
-               Qualifiers go after a comma, where they earn nothing.
-  fragment     (sub_em, answer inside the gold) the answer covers less than half of the gold's content words,
-               or is only stop words ("of" for "Bank of America") or a lone number inside a longer gold ("1" for
-               "1 December 2010").
+  extra_words  words beside the gold that can be a second answer: a number ("(1903–1971)" for 1903; a shortened
+               range end continues its start: "1998–99"), a name the passages use, whatever its case ("Tollen in
+               northern Vandria" for either, "1794 by Ansel Kerrow" for the year), any word when the answer is no
+               phrase of one clause of the passages ("Paris London"), more than max_extra_words (2) of them.
+               Descriptors copied from the passages pay ("the city of Paris"); without passages (evaluation)
+               only names and numbers count.
+  longer_name  a longer name holding the gold that the passages use as a name of its own ("Northern Ireland" for
+               Ireland, "New York" for York, "The Polist II" for The Polist); unless they use the gold only after
+               it, as its short form ("Barack Obama ... Obama": "Barack Obama" is right for Obama).
+  fragment     a part of the gold covering under half its content words ("John" for "John Fitzgerald Kennedy",
+               "1" for "1 December 2010") or one side of its "of" / "and" ("Vandria" for "Bank of Vandria").
+  generic      a part made of common words only: the passages use them in lower case ("City" or "the city" for
+               "Marrowby City": "a city in"; "Films" where they say "a film"), or an English common noun
+               (wonderwords' list: "Studios", "River") that the passages never use alone for the gold.
+  ambiguous    a part the passages also use for something else: inside another name ("Korea" for "South Korea"
+               beside "North Korea", "Films" beside "Brisk Films") or alone, before or without the gold ("Varn" for
+               "Lake Varn" where a passage is about the town of Varn).
+  date         another date ("June 6, 1902" for "5 June 1902").
+Choice, RULER, math:
+  choice_unparsed  no single option letter ("A) or B)", "A/C", "A cat").
+  choice_list  a second option after the letter: "A. B. C. D.", "A: 12 km; B: 15 km", another option's text.
+  extra_values ruler: a value that is no gold ("1234567 7654321 5550123"), also split by spaces ("765 4321");
+               a gold glued to another ("12345677654321") is not found: values are whole tokens.
   equation     math: "=" other than one "var = value" ("7=5": math-verify compares the right side only).
   unverifiable math: a command or sign a value has not ("7 \\to 5", "7 \\hspace{1em} 5", "7 ~ 5") and the gold has
                not, where math-verify would read one side only; Minerva's exact match still decides.
-  extra_values ruler: a value that is no gold ("1234567 7654321 5550123"); a gold glued to another
-               ("12345677654321") is not found, since values are read as whole tokens.
-  choice_unparsed  no single option letter ("A) or B)", "A/C", "A cat").
+  percent      math: a percent sign the gold has not ("3\\%" for 3: math-verify reads it as 3 and as 0.03).
+  base         math: a base subscript the gold has not ("43_7" for "43_5").
 (A form a gold itself has is allowed: "Simon and Garfunkel", "yes and no", "Paris, France". QA matches whole
 words: character-level, "e" is inside most golds and "art" inside "cartoon".)
 
-Normalization that keeps right answers right (QA): every \\text-like wrapper anywhere (\\text{Paris} (France),
-\\textsc{..}), accents (NFKD: "Sao Paulo" == "São Paulo"), curly quotes, hyphens and dashes as spaces
-("rock-and-roll"), "&" as "and", possessive 's ("Sony's" == "Sony"), number words zero..twenty ("three" == "3"),
-thousands separators, a/an/the; a parenthetical is a qualifier. Choice reads "C", "(C)", "C)", "C. 12 km", "Option C".
+Forms that keep right answers right. Every kind: zero-width characters dropped, odd spaces read as spaces. QA:
+\\text-like wrappers anywhere (\\text{Paris} (France)), accents (NFKD: "Sao Paulo" = "São Paulo"), curly quotes,
+hyphens as spaces ("rock-and-roll"), "&" = "and", possessive 's ("Sony's"), number words zero..twenty ("three" =
+"3"), thousands separators, a/an/the; titles and middle initials ("Dr. Ada K. Morrow" = "Ada Morrow"); dates in
+any common form, read by dateutil ("June 5, 1902" = "5th June 1902" = "1902-06-05" = "5 June 1902"; a part covering
+half the fields, "December 2010", as for words); a part that names the gold ("Marrowby" for "Marrowby City",
+"Obama" for "Barack Obama"). Choice: "C", "(C)", "C)", "C. 12 km", "Option C". Math: degree marks (90^\\circ,
+90\\degree, 90°), thin-space digit groups ("1\\,000"), "x = 5".
 
 --qa_rule=public: the authors' public QA rule, literally: the normalized gold is a substring of the normalized last
 box (no QA guards), except that an empty answer is wrong. length and no_think still apply (they are not about QA);
@@ -62,6 +78,8 @@ string_match_all / string_match_part (RULER), normalize_final_answer (Minerva, a
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 import multiprocessing as mp
@@ -75,8 +93,11 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterator
+
+from dateutil import parser as dateparser  # python-dateutil: dates in any written form
 
 from keychain import DataError, parse_config, read_records, write_rows
 
@@ -319,10 +340,15 @@ _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "seventeen eighteen nineteen twenty".split())}
 _TYPOGRAPHY = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "′": "'", "“": '"', "”": '"', "„": '"',
                              "″": '"', "–": "-", "—": "-", "‐": "-", "‑": "-", "‒": "-", "―": "-", "−": "-"})
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,000" -> "1000"
+# characters that hide or join tokens: zero-width ones go, odd spaces become spaces ("1234567\u200b7654321")
+_VISIBLE = str.maketrans({**dict.fromkeys("\u200b\u200c\u200d\u2060\u2063\ufeff\u00ad\u180e"),
+                          **dict.fromkeys("\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+                                          "\u200a\u202f\u205f\u3000\t\r\v\f", " ")})
+_THOUSANDS = re.compile(r",(?<=\d,)(?=\d{3}(?!\d))")  # "1,000" -> "1000" (the comma first: a fast scan)
 _SEPARATOR = re.compile(r"[;\n]|,(?!\d{3}(?!\d))")  # between items of a list (not a thousands comma)
 _PAREN = re.compile(r"\([^()]*\)|\[[^\[\]]*\]")  # "(France)": a qualifier
 _POSSESSIVE = re.compile(r"'s\b")
+_POSSESSIVE_ANY = re.compile(r"'s\b", re.I)  # text whose case is kept: "SONY'S"
 _AS_SPACE = re.compile(r"[-/_]")  # "rock-and-roll" = "rock and roll"
 _PUNCT_CHARS = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s]")  # any punctuation, except a decimal point
 _SLASH = re.compile(r"(?<!\d)/|/(?!\d)|\|")  # "Paris/London", "and/or"; "1/2" is a number
@@ -330,14 +356,45 @@ _ALTERNATIVES = frozenset({"or", "either", "vs", "versus"})
 _NEGATIONS = frozenset("not no never neither nor none nothing nobody cannot cant dont doesnt didnt isnt wasnt arent "
                        "werent wont hasnt havent hadnt".split())
 _FORM_RULES = ("yes_no", "alternatives", "list", "conjunction", "negation")  # checked in this order
+# titles before a name, and middle initials between two names, are not part of what a name says
+_TITLE = re.compile(r"\b(?:(?:Mrs|Mr|Ms|Mx|Dr|Prof|Rev|Hon|Capt|Col|Gen|Lt|Sgt|Maj|Adm|Cmdr|Cpl|Pvt|Det|Insp|Fr"
+                    r"|Sen|Gov|Rep|Pres|Mme|Mlle)\.|(?:Mrs|Mr|Ms|Mx|Dr|Prof|Professor|Sir|Dame|Rev|Reverend)\s)"
+                    r"\s*(?=[A-Z])|\b(?:mrs|mr|ms|dr|prof)\.\s*(?=[a-z])")
+_INITIALS = re.compile(r"\b([A-Z][a-z]+)(?:(?:\s+[A-HJ-UWYZ]\.)+|(?:\s+[A-HJ-UWYZ](?=\s))+)\s*(?=[A-Z][a-z])"
+                       r"|\b([a-z]{2,})(?:\s+[a-hj-uwyz]\.)+\s*(?=[a-z]{2})")  # not I, V, X: "World War I. The"
+
+
+def _forms_of(word: str) -> list[str]:
+    """The word and its singular if it is a plural: "cities" -> city, "boxes" -> box, "films" -> film."""
+    if word.endswith("ies"):
+        return [word, word[:-3] + "y"]
+    if word.endswith("es"):
+        return [word, word[:-1], word[:-2]]
+    return [word, word[:-1]] if word.endswith("s") else [word]
+
+
+def _fold(s: str) -> str:
+    """Accents off (NFKD: "São" -> "Sao"), curly quotes and dashes straightened; case kept."""
+    if s.isascii():  # the common case, and the fast one
+        return s
+    s = unicodedata.normalize("NFKD", s)
+    return "".join(c for c in s if not unicodedata.combining(c)).translate(_TYPOGRAPHY)
 
 
 def _plain(s: str) -> str:
-    """Accents off (NFKD: "São" -> "sao"), curly quotes and dashes straightened, lower case."""
-    if s.isascii():  # the common case, and the fast one
-        return s.lower()
-    s = unicodedata.normalize("NFKD", s)
-    return "".join(c for c in s if not unicodedata.combining(c)).translate(_TYPOGRAPHY).lower()
+    return _fold(s).lower()
+
+
+def _visible(s: str) -> str:
+    return s if s.isascii() else s.translate(_VISIBLE)
+
+
+@lru_cache(maxsize=65536)
+def _bare_name(s: str) -> str:
+    """'Dr. Ada K. Morrow' -> 'Ada Morrow': names compare without titles and middle initials."""
+    if "." not in s and " " not in s.strip():
+        return s
+    return _INITIALS.sub(lambda m: (m.group(1) or m.group(2)) + " ", _TITLE.sub("", s))
 
 
 @lru_cache(maxsize=65536)  # golds repeat G times per prompt, answers repeat within a group
@@ -365,7 +422,8 @@ def _parts(s: str) -> list[str]:
     return [p for p in _SEPARATOR.split(_PAREN.sub(" ", s)) if _norm(p)]
 
 
-def _forms(s: str) -> set[str]:
+@lru_cache(maxsize=65536)
+def _forms(s: str) -> frozenset[str]:
     """The hedging shapes an answer has: yes_no, alternatives, list (3+ items), conjunction, negation."""
     words = set(_norm(s).split())
     out = set()
@@ -379,38 +437,259 @@ def _forms(s: str) -> set[str]:
         out.add("conjunction")
     if words & _NEGATIONS:
         out.add("negation")
-    return out
+    return frozenset(out)
 
 
 def _names(s: str) -> set[str]:
     """Normalized words the answer writes as names or numbers ("Paris", "1999", "three"): candidates, unlike
-    "city" in "Paris city". The end of a range ("99" of "1998–99") continues its start: "3-4" pays for 3 only."""
+    "city" in "Paris city". The shortened end of a range continues its start ("99" of "1998–99"); a full one
+    ("1971" of "1903–1971", "4" of "3-4") is a second number."""
     out = set()
     for m in re.finditer(r"[^\W_]+", s):
         w, n = m.group(), _norm(m.group())
-        if n and (w[0].isupper() or (n.isdigit() and not re.search(r"\d\s*[-–—]\s*$", s[: m.start()]))):
+        start = re.search(r"(\d+)\s*[-–—]\s*$", s[: m.start()]) if n.isdigit() else None
+        if n and (w[0].isupper() or (n.isdigit() and not (start and len(n) < len(start.group(1))))):
             out.add(n)
     return out
 
 
-_CLAUSE = re.compile(r"[,;:!?()\[\]\n]|\.(?!\S)")  # a copied phrase lies inside one clause: "Paris, London" is none
+# ----------------------------------------------------------------------------- QA: dates
+_DATE_TOKEN = re.compile(r"\d+|[^\W\d_]+|[^\s\w]")
+_DATE_WORDS = frozenset("of the on st nd rd th , . / -".split())
+
+
+_DATE_NAMES = dateparser.parserinfo()  # month and weekday names in English, full and short ("Sept", "Thu")
+
+
+@lru_cache(maxsize=8192)
+def _date(s: str) -> tuple[tuple[str, int], ...] | None:
+    """(("day", 5), ("month", 6), ("year", 1902)) for "June 5, 1902", "5th June 1902", "1902-06-05", ...; None unless
+    the text is a date and nothing else: a month (by name, or all-number with a 3-4 digit year), at most one day and
+    one year. An all-number date is y-m-d, d.m.y (day first, by convention) or a d/m/y that only one reading fits
+    ("25/06/1902"; "05/06/1902" is two dates). dateutil reads the values."""
+    nums, named = [], 0
+    for t in _DATE_TOKEN.findall(s.lower()):
+        if t.isdigit():
+            nums.append(t)
+        elif _DATE_NAMES.month(t) is not None:
+            named += 1
+        elif t not in _DATE_WORDS and _DATE_NAMES.weekday(t) is None:
+            return None  # a word no date has: "June 5 or 6", "born June 1902"
+    years = [n for n in nums if len(n) in (3, 4)]
+    days = [n for n in nums if len(n) <= 2]
+    if len(years) > 1 or len(years) + len(days) != len(nums) or named > 1:
+        return None
+    if named:
+        if len(days) > 1:
+            return None
+    elif len(nums) != 3 or len(years) != 1:
+        return None
+    elif nums[0] not in years and "." not in s and days[0] != days[1] and max(map(int, days)) <= 12:
+        return None
+    try:
+        d = dateparser.parse(re.sub(r"(?i)\b(?:the|of|on)\b", " ", s), default=datetime(2000, 1, 1),  # leap: 29 Feb
+                             dayfirst="." in s and not named and nums[0] not in years)
+    except (ValueError, OverflowError):
+        return None
+    if d.hour or d.minute or d.second:  # read as a time of day
+        return None
+    fields = [("day", d.day)] if days else []
+    return tuple(fields + [("month", d.month)] + ([("year", d.year)] if years else []))
+
+
+@lru_cache(maxsize=8192)
+def _gold_date(gold: str) -> tuple[tuple[str, int], ...] | None:
+    """A gold's date; a bare year is one too ("1902": a date in 1902 names it)."""
+    return _date(gold) or ((("year", int(gold)),) if re.fullmatch(r"\d{3,4}", gold.strip()) else None)
+
+
+def _same_date(pred: tuple, gold: tuple, metric: str) -> bool:
+    """Dates agree on every field both give; sub_em also pays a part that covers half the gold's fields, as for
+    words ("December 2010" for "1 December 2010"), em needs the same fields, substring all of the gold's."""
+    p, g = dict(pred), dict(gold)
+    shared = p.keys() & g.keys()
+    if not shared or any(p[k] != g[k] for k in shared):
+        return False
+    if metric == "em":
+        return p.keys() == g.keys()
+    if metric == "substring":
+        return p.keys() >= g.keys()
+    return p.keys() >= g.keys() or 2 * len(shared) >= len(g)
+
+
+# ----------------------------------------------------------------------------- QA: what the passages say
+_PASSAGE = re.compile(r"Passage \d+:")  # keychain.passages(): one document each
+# clause marks: "," ";" "(" ")" inside a sentence; ". " "!" "?" ":" and line ends close one (the next word's case
+# says nothing). "St. Louis", "J. R. R. Tolkien": an abbreviation's period closes nothing
+_CLAUSE_MARK = re.compile(r"([,;()\[\]])|([!?:\n]|\.(?!\S)(?<!\b[A-Z]\.)(?<!\bSt\.)(?<!\bMt\.)(?<!\bFt\.)(?<!\bJr\.)"
+                          r"(?<!\bSr\.)(?<!\bCo\.)(?<!\bNo\.)(?<!\bvs\.)(?<!\bInc\.)(?<!\bLtd\.)(?<!\bBros\.))")
+_PUNCT_MARKED = re.compile(r"(?!(?<=\d)\.(?=\d))[^\w\s\0\1]")  # _PUNCT_CHARS, clause marks kept
+_LINKS = frozenset("of in at on for from by and with to".split())  # "Bank of Vandria": each side names something
+_NAME_LINKS = frozenset("of de du da di del la le von van der den y".split())  # inside one name
+
+
+def _tokens(text: str, title: bool = False) -> tuple[list[str], list[int]]:
+    """Text as the words _norm would write ("\\0" after a clause mark, "\\1" after a sentence end) and each word's
+    case: 1 capitalized inside a sentence, 2 capitalized as a sentence's first word, 0 lower case, -1 neither (a
+    number, a mark). title: the text is a passage's title line, whose first word's case is a name's."""
+    s = _THOUSANDS.sub("", _POSSESSIVE_ANY.sub("", _fold(_bare_name.__wrapped__(text)).replace("&", " and ")))
+    s = _CLAUSE_MARK.sub(lambda m: " \0 " if m.group(1) else " \1 ", s)
+    words: list[str] = []
+    caps: list[int] = []
+    start = not title
+    for w in _PUNCT_MARKED.sub("", _AS_SPACE.sub(" ", s)).split():
+        if w in ("\0", "\1"):
+            start = w == "\1"
+            words.append(w)
+            caps.append(-1)
+            continue
+        low = w.lower()
+        if low not in ("a", "an", "the"):
+            words.append(_NUMBER_WORDS.get(low, low))
+            caps.append(-1 if not w[0].isalpha() else 0 if w[0].islower() else 2 if start else 1)
+        start = False
+    return words, caps
+
+
+class Passages:
+    """The prompt's passages, read lazily: an answer's words are found in the lower-cased text, and only the passages
+    that hold them are tokenized. Built once per prompt (cached): GRPO scores G responses to it in a row."""
+
+    def __init__(self, text: str):
+        self.raw = _fold(text)
+        self.low = self.raw.lower()
+        if len(self.low) != len(self.raw):  # a rare letter changed length: case is unknown, positions still agree
+            self.raw = self.low
+        starts, at = [0], self.raw.find("Passage ")
+        while at >= 0:  # str.find, not a regex scan: a 16K-token prompt is read once per group
+            if at and _PASSAGE.match(self.raw, at):
+                starts.append(at)
+            at = self.raw.find("Passage ", at + 8)
+        self.starts = starts
+        self._tok: dict[int, tuple[list[str], list[int], str]] = {}
+        self._usage: dict[str, tuple[bool, bool]] = {}
+
+    def passage(self, i: int) -> tuple[list[str], list[int], str]:
+        """(words, cases, " w1 w2 ... ") of passage i. keychain.passages() writes "Passage 3:\\nTitle\\nText"."""
+        if i not in self._tok:
+            end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.raw)
+            text = self.raw[self.starts[i]:end]
+            head = _PASSAGE.match(text)
+            text = text[head.end():] if head else text  # "Passage 3:" is no part of what it says
+            lines = text.split("\n", 2)
+            if len(lines) == 3 and not lines[0].strip() and 0 < len(lines[1].split()) <= 12 and lines[1][-1:] != ".":
+                words, caps = _tokens(lines[1], title=True)  # a title: a name, whatever its position
+                more = _tokens(lines[2])
+                words, caps = words + ["\1"] + more[0], caps + [-1] + more[1]
+            else:
+                words, caps = _tokens(text)
+            self._tok[i] = (words, caps, " " + " ".join(words) + " ")
+        return self._tok[i]
+
+    def find(self, phrase: str) -> Iterator[tuple[int, int, int]]:
+        """(passage, word index, position in the passage's joined text) of each occurrence of a normalized phrase
+        inside one clause, passages in order. Only passages holding every word of letters are tokenized; the
+        phrase's longest word leads to them. (A word normalization rewrote, "oneill" of "O'Neill", is missed: the
+        phrase counts as absent, the strict side.)"""
+        words = phrase.split()
+        if not words:
+            return
+        anchor = max(words, key=lambda w: (w.isalpha(), len(w)))
+        pos = self.low.find(anchor)
+        if pos < 0 and anchor.isalpha():
+            return
+        every = pos < 0  # a number may be spelled out ("three"): read every passage
+        i = 0 if every else bisect.bisect_right(self.starts, pos) - 1
+        while i < len(self.starts):
+            end = self.starts[i + 1] if i + 1 < len(self.starts) else len(self.low)
+            if every or all(self.low.find(w, self.starts[i], end) >= 0 for w in words if w.isalpha()):
+                joined = self.passage(i)[2]
+                at = joined.find(f" {phrase} ")
+                while at >= 0:
+                    yield i, joined.count(" ", 0, at), at
+                    at = joined.find(f" {phrase} ", at + 1)
+            if every:
+                i += 1
+                continue
+            pos = self.low.find(anchor, end)
+            if pos < 0:
+                return
+            i = bisect.bisect_right(self.starts, pos) - 1
+
+    def usage(self, word: str) -> tuple[bool, bool]:
+        """(written capitalized inside a sentence, written in lower case) anywhere in the passages."""
+        if word not in self._usage:
+            upper, lower, at, n = False, False, self.low.find(word), len(word)
+            while at >= 0 and not lower:
+                end = at + n
+                if not (at and self.low[at - 1].isalnum()) and not (end < len(self.low) and self.low[end].isalnum()):
+                    c = self.raw[at]
+                    k = at - 1
+                    while k >= 0 and self.raw[k] in " \t\"'([{":
+                        k -= 1
+                    lower = c.islower()
+                    upper = upper or (c.isupper() and k >= 0 and self.raw[k] not in ".!?:\n")
+                at = self.low.find(word, end)
+            self._usage[word] = (upper, lower)
+        return self._usage[word]
+
+    def named(self, word: str, case: int) -> bool:
+        """A word written with this case is a name: capitalized inside a sentence, or first in one and never written
+        in lower case ("Greater Brell has ..."; not "Several archives ...")."""
+        return case == 1 or (case == 2 and not self.usage(word)[1])
+
+    def is_name(self, word: str) -> bool:
+        """Written capitalized inside a sentence and never in lower case: "Vandria", not "city"."""
+        upper, lower = self.usage(word)
+        return upper and not lower
+
+    def is_common(self, word: str) -> bool:
+        """Written in lower case, as it is or in the singular: "city", "films" (the passages say "a film")."""
+        return any(self.usage(w)[1] for w in _forms_of(word) if len(w) > 2)
 
 
 @lru_cache(maxsize=16)  # a prompt is scored G times in a row
-def _passages(text: str) -> str:
-    return " " + " \0 ".join(_norm.__wrapped__(c) for c in _CLAUSE.split(text)) + " "
+def _read_passages(text: str) -> Passages:
+    return Passages(text)
 
 
-def _phrase_ok(row: dict, phrase: str, pred: str, extra: Counter) -> bool:
-    """Words beside the gold are fine when the answer is a phrase copied from the row's passages ("Barack Obama"
-    for "Obama", "the Mississippi River"); rows without passages (evaluation) refuse only extra names."""
+def _passages_of(row: dict) -> Passages | None:
+    """The row's prompt (all but the system turn), or None for a row without one (evaluation)."""
     msgs = row.get("messages")
-    text = "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict)) if isinstance(msgs, list) else ""
-    if text:
-        return f" {phrase} " in _passages(text)
-    return not set(extra) & _names(pred)
+    if not isinstance(msgs, list):
+        return None
+    text = "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict) and m.get("role") != "system")
+    return _read_passages(text) if text.strip() else None
 
 
+def _at(words: list[str], k: int, part: list[str], whole: list[str]) -> bool:
+    """The occurrence of `part` at words[k] lies inside an occurrence of `whole` (part is a piece of whole)."""
+    n = len(part)
+    return any(whole[o:o + n] == part and words[max(k - o, 0):k - o + len(whole)] == whole
+               for o in range(len(whole) - n + 1) if k >= o)
+
+
+def _same_entity(ps: Passages, short: str, long: str) -> bool:
+    """The passages use the short name only after the long one in the same passage ("Barack Obama ... Obama"):
+    one entity. A short name a passage uses first or alone ("York", "Ireland", "Vandria") is a name of its own."""
+    sw, lw = short.split(), long.split()
+    for i, k, at in ps.find(short):
+        words, _, joined = ps.passage(i)
+        if _at(words, k, sw, lw):
+            continue
+        first = joined.find(f" {long} ")
+        if first < 0 or at < first:
+            return False
+    return True
+
+
+def _one_name(ps: Passages, i: int, k: int, n: int) -> bool:
+    """Words k..k+n of passage i are one capitalized name ("Bank of Vandria"), not two joined by a small word."""
+    words, caps, _ = ps.passage(i)
+    return all(w in _NAME_LINKS or w.isdigit() or ps.named(w, c) for w, c in zip(words[k:k + n], caps[k:k + n]))
+
+
+# ----------------------------------------------------------------------------- QA: the rules
 def _covers(pred: str, gold: str) -> bool:
     """A normalized answer inside a normalized gold is right only when it covers a substantial part of it: at least
     half of the gold's content words, at least one content word, and not a lone number ("1" in "1 December 2010")."""
@@ -421,6 +700,81 @@ def _covers(pred: str, gold: str) -> bool:
     return 2 * len(pc) >= len(gc)
 
 
+@lru_cache(maxsize=1)
+def _nouns() -> frozenset[str]:
+    """English common nouns, singular (wonderwords' list, installed for eval.py): "city", "studio", "bank"."""
+    try:
+        from importlib.resources import files
+
+        return frozenset(files("wonderwords").joinpath("assets/nounlist.txt").read_text().lower().split())
+    except (ImportError, OSError):
+        return frozenset()
+
+
+def _generic(word: str) -> bool:
+    """An English common noun, singular or plural ("studios", "cities")."""
+    return any(w in _nouns() for w in _forms_of(word))
+
+
+def _part(pred: str, gold: str, row: dict) -> str | None:
+    """Why a part of the gold is not the gold (a rule name), or None when it names the gold."""
+    p, g = pred.split(), gold.split()
+    if not _covers(pred, gold):
+        return "fragment"
+    at = next(o for o in range(len(g) - len(p) + 1) if g[o:o + len(p)] == p)
+    if any(g[j] in _LINKS and not at <= j < at + len(p) for j in range(1, len(g) - 1)):
+        return "fragment"  # one side of "Bank of Vandria", "Simon and Garfunkel"
+    # a generic head ("City", "Studios") names the gold only where the passages use it alone for it
+    generic = all(_generic(w) for w in _content(pred))
+    ps = _passages_of(row)
+    if ps is None:
+        return "generic" if generic else None
+    if all(ps.is_common(w) for w in _content(pred)):
+        return "generic"  # the passages use it as a common word: "a city in", "a film" for "Films"
+    if next(ps.find(gold), None) is None:
+        return "generic" if generic else None  # nothing to compare with: the gold is not named in the prompt
+    short = False
+    for i, k, at in ps.find(pred):
+        words, caps, joined = ps.passage(i)
+        if _at(words, k, p, g):
+            continue
+        if any(c == 0 for w, c in zip(p, caps[k:k + len(p)]) if w not in _STOP):
+            return "ambiguous"  # a common word here: "a city in ..."
+        for n in (k - 1, k + len(p)):
+            if 0 <= n < len(words) and words[n] not in _STOP and len(words[n]) > 1 and ps.named(words[n], caps[n]):
+                return "ambiguous"  # part of another name: "Korea" in "North Korea", "Films" in "Brisk Films"
+        first = joined.find(f" {gold} ")
+        if first < 0 or first > at:
+            return "ambiguous"  # a name of its own: "Varn" (the town) for "Lake Varn"
+        short = True  # the gold's short name: "Barack Obama ... Obama"
+    return "generic" if generic and not short else None
+
+
+def _beside(pred: str, gold: str, raw: str, extra: Counter, row: dict, cfg: Config) -> str | None:
+    """Why words beside the gold make the answer another one (a rule name), or None when they only describe it."""
+    if sum(extra.values()) > cfg.max_extra_words:
+        return "extra_words"
+    named = _names(raw)
+    if any(w in named and w[0].isdigit() for w in extra):
+        return "extra_words"  # a second number: "(1903–1971)", "1794 by Ansel Kerrow" for the founder
+    ps = _passages_of(row)
+    if ps is None:
+        return "extra_words" if set(extra) & named else None  # no passages: any name beside the gold
+    hits = list(itertools.islice(ps.find(pred), 64))
+    if not hits:
+        return "extra_words"  # not a phrase of the passages: "Paris London", "Paris city"
+    n = len(pred.split())
+    named = any(ps.is_name(w) for w in extra)  # a name somewhere in the passages, or written as one right here
+    for i, k, _ in hits:
+        words, caps, _ = ps.passage(i)
+        named = named or any(w in extra and ps.named(w, c) for w, c in zip(words[k:k + n], caps[k:k + n]))
+    if not named:
+        return None  # descriptors: "the city of Paris"
+    if not any(_one_name(ps, i, k, n) for i, k, _ in hits):
+        return "extra_words"  # two names: "Tollen in northern Vandria", "Ostrel Films with Brisk Pictures"
+    return None if _same_entity(ps, gold, pred) else "longer_name"  # "New York" for York; "Barack Obama" for Obama
+
+
 def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str]:
     """Guarded QA: hedging forms the gold does not share score 0, then the metric on the head of the answer."""
     m = cfg.qa_metric
@@ -428,6 +782,13 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
         raise ValueError(f"unknown qa_metric {m!r} (one of {QA_METRICS})")
     if "{" in pred or "}" in pred:
         return 0.0, "braces"
+    # 1) a date is read as a date, whatever its written form ("Friday, June 5, 1902" = "5 June 1902"): a date and
+    #    nothing else has no hedge in it, so this comes before the hedging forms
+    bare = [_bare_name(g) for g in golds]  # "Dr. Ada K. Morrow" = "Ada Morrow" (the metrics below read golds as given)
+    dated = [_gold_date(g) for g in bare]
+    whole_date = _date(_PAREN.sub(" ", pred)) if any(dated) and m in ("sub_em", "substring", "em") else None
+    if whole_date:
+        return (1.0, m) if any(d and _same_date(whole_date, d, m) for d in dated) else (0.0, "date")
     have, allowed = _forms(pred), set().union(*map(_forms, golds))
     for rule in _FORM_RULES:
         if rule in have and rule not in allowed:
@@ -436,12 +797,20 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
         return longbench_score(pred, golds), m
     if m == "hotpot_f1":
         return max(hotpot_f1(pred, g) for g in golds), m
+    pred = _bare_name(pred)
     head = (_parts(pred) or [pred])[0]
     why = m
-    for gold in golds:
-        # "New York, USA": the head is the answer, a qualifier after it earns nothing; unless the gold has parts
+    for gold, gd in zip(bare, dated):
+        # 2) a date at the head ("June 1902, in Tollen")
+        if gd and (hd := _date(head)):
+            if _same_date(hd, gd, m):
+                return 1.0, m
+            why = "date"
+            continue
+        # 3) "New York, USA": the head is the answer, a qualifier after it earns nothing; unless the gold has parts
         whole = m == "em" or len(_parts(gold)) > 1 or bool(_PAREN.search(gold))
-        for p in _norms(pred if whole else head):
+        raw = pred if whole else head
+        for p in _norms(raw):
             for g in _norms(gold):
                 if not g or not p:
                     continue
@@ -449,15 +818,18 @@ def _qa(pred: str, golds: list[str], cfg: Config, row: dict) -> tuple[float, str
                     if p == g:
                         return 1.0, m
                 elif f" {g} " in f" {p} ":  # whole words: "art" is not in "cartoon"
-                    # another word beside the gold may be a second candidate ("Paris London", "Paris in London")
+                    # 4) words beside the gold must describe it, never name a second candidate
                     extra = Counter(_content(p)) - Counter(_content(g))
-                    if not extra or (sum(extra.values()) <= cfg.max_extra_words and _phrase_ok(row, p, pred, extra)):
+                    rule = _beside(p, g, raw, extra, row, cfg) if extra else None
+                    if rule is None:
                         return 1.0, m
-                    why = "extra_words"
+                    why = rule
                 elif m == "sub_em" and f" {p} " in f" {g} ":
-                    if _covers(p, g):
+                    # 5) a part of the gold must name the gold, and nothing else the passages name
+                    rule = _part(p, g, row)
+                    if rule is None:
                         return 1.0, m
-                    why = "fragment"
+                    why = rule
     return 0.0, why
 
 
@@ -468,30 +840,61 @@ _RULER_WORDS = frozenset("special magic number numbers value values word words k
 
 def _ruler(pred: str, golds: list[str]) -> tuple[float, str]:
     """Every gold value is in the answer (boxes joined), and no other value is: a candidate list is no answer."""
-    toks = _VALUE.findall(_THOUSANDS.sub("", _plain(pred)))
+    text = _THOUSANDS.sub("", _plain(pred))
+    toks = _VALUE.findall(text)
     want = [" ".join(_VALUE.findall(_plain(g))) for g in golds]
-    text = f" {' '.join(toks)} "
-    if not all(f" {w} " in text for w in want):
+    if not all(f" {w} " in f" {' '.join(toks)} " for w in want):
         return 0.0, "ruler_all"
     gold_toks = {t for w in want for t in w.split()}
     numeric = [t for t in gold_toks if any(c.isdigit() for c in t)]
-    if numeric:  # number values: any other number at least as long as the shortest gold is a candidate
+    if numeric:  # number values: any other number at least as long as the shortest gold is a candidate ...
         shortest = min(map(len, numeric))
         extra = [t for t in toks if t not in gold_toks and any(c.isdigit() for c in t) and len(t) >= shortest]
+        for run in re.findall(r"\d+(?:\s+\d+)+", text):  # ... and so is one split by spaces: "765 4321"
+            piece = ""
+            for group in run.split() + [""]:
+                if group and len(group) < shortest:
+                    piece += group
+                    continue
+                if len(piece) >= shortest:
+                    extra.append(piece)
+                piece = ""
     else:  # word values: any other content word is
         extra = [t for t in toks if t not in gold_toks and t not in _STOP and t not in _RULER_WORDS]
     return (0.0, "extra_values") if extra else (1.0, "ruler_all")
 
 
-def _choice_letter(s: str) -> str | None:
-    """'C', '(C)', 'C)', 'C. 12 km', 'Option C' -> 'C'; a lone lower-case letter counts; 'A cat', 'A) or B)' -> None."""
+_OPTION = re.compile(r"(?m)(?:^|(?<=:))[ \t]*\(?([A-E])[).][ \t]*(.+?)[ \t]*$")  # "Choices:(A) 12\n(B) 15"
+_SECOND_LETTER = re.compile(r"(?:^|[\s;,/&])\(?[A-Z]\s*[).:](?![A-Za-z])")  # "A. B. C. D.", "A: 12; B: 15"
+
+
+def _choice_letter(s: str) -> tuple[str | None, str]:
+    """('C', what follows it) for 'C', '(C)', 'C)', 'C. 12 km', 'Option C'; a lone lower-case letter counts;
+    'A cat', 'A) or B)' -> (None, '')."""
     s = re.sub(r"(?i)^(?:option|choice)[\s:]*", "", s.strip())
     if m := re.fullmatch(r"\(?([A-Za-z])\)?\.?", s):
-        return m.group(1).upper()
+        return m.group(1).upper(), ""
     m = re.match(r"\(?([A-Z])[).:]", s)
     if not m or re.search(r"\(?\b[A-Z]\)|\b(?:or|and)\s+\(?[A-Z]\b", s[m.end():]):  # a second option: a hedge
-        return None
-    return m.group(1)
+        return None, ""
+    return m.group(1), s[m.end():]
+
+
+def _choice_list(rest: str, letter: str, row: dict) -> bool:
+    """What follows the letter names another option: a second letter, or another option's text (the prompt's)."""
+    said = _norm(rest)
+    if not said:
+        return False
+    msgs = row.get("messages")
+    user = [str(m.get("content", "")) for m in msgs if isinstance(m, dict) and m.get("role") == "user"] \
+        if isinstance(msgs, list) else []
+    options = {k: _norm(t) for k, t in _OPTION.findall(user[-1])} if user else {}
+    mine = options.get(letter, "")
+    if mine and f" {said} " in f" {mine} ":
+        return False  # the option's own text: "C. 12 km"
+    if _SECOND_LETTER.search(rest):
+        return True
+    return any(t and f" {t} " in f" {said} " and f" {t} " not in f" {mine} " for k, t in options.items() if k != letter)
 
 
 _MATH_HEDGE = re.compile(r"\\(?:lor|vee|land|wedge)(?![A-Za-z])|\bor\b")  # math-verify reads "3 \lor 5" as 5
@@ -506,7 +909,10 @@ _VALUE_COMMANDS = frozenset(
     "tau phi varphi omega Gamma Delta Theta Lambda Pi Sigma Phi Omega begin end".split())
 _VALUE_CHARS = frozenset(string.ascii_letters + string.digits + " \t\n+-*/^_.,()[]{}='!%")
 _COMMAND = re.compile(r"\\([A-Za-z]+)|\\(.)", re.S)
-_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree(?![A-Za-z])")
+_DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree(?![A-Za-z])|\\text\{\s*°\s*\}|°")  # 90^\circ, 90°
+_DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\\[,;: ]|\s|~)(?=\d{3}(?!\d))")  # "1\,000", "1 000": one number
+_PERCENT = re.compile(r"%|\\text\{\s*percent\s*\}|\bpercent\b")  # math-verify reads 3% as 3 and as 0.03
+_BASE = re.compile(r"(?<![\\\w])(?=[0-9A-Fa-f]*\d)[0-9A-Fa-f]+_\{?\(?(\d+)\)?\}?")  # 43_5, 1A_{16}: the base
 _TEXT_ARG = re.compile(r"\\(?:text[a-z]*|mbox|mathrm)\s*\{([^{}]*)\}")
 
 
@@ -530,6 +936,14 @@ def _verifiable(pred: str, golds: list[str]) -> bool:
 
 def _math(pred: str, golds: list[str], cfg: Config) -> tuple[float, str]:
     pred = re.sub(r"(?<!\\left)(?<!\\right)\s*\.$", "", pred.strip())  # "34." ends a sentence; "\right." does not
+    # degree marks and thin-space digit groups are how a number is written, not what it is
+    pred = _DIGIT_GROUPS.sub("", _DEGREES.sub("", pred)).strip()
+    golds = [_DIGIT_GROUPS.sub("", _DEGREES.sub("", g)).strip() for g in golds]
+    if _PERCENT.search(pred) and not any(_PERCENT.search(g) for g in golds):
+        return 0.0, "percent"
+    bases = {b for g in golds for b in _BASE.findall(g)} or {"10"}
+    if set(_BASE.findall(pred)) - bases:
+        return 0.0, "base"  # 43_7 for 43_5: the digits alone do not make the number
     if _MATH_HEDGE.search(pred) and not any(_MATH_HEDGE.search(g) for g in golds):
         return 0.0, "alternatives"
     if "=" in pred and not any("=" in g for g in golds):  # Minerva keeps what follows the last "=": "7=5" -> "5"
@@ -574,6 +988,7 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
     public = cfg.qa_rule == "public" and kind in ("qa", "keychain")
     # 2) the final answer (kept in diag even when a gate below scores 0)
     pred, _, n_boxes = _final(response, kind, join=kind == "ruler")
+    pred = None if pred is None else _visible(pred)  # zero-width and odd spaces, before any rule reads it
     diag["pred"] = pred
     # 3) gates in every mode: a cut or unfinished response, no answer, no gold
     if finish == "length":
@@ -602,9 +1017,13 @@ def score(row: dict, response: str, cfg: Config | None = None, finish: str | Non
         return out(0, "empty")
     # 6) grade by kind
     if kind == "choice":
-        want = _choice_letter(unwrap(golds[0]))
-        got = _choice_letter(pred)
-        return out(float(got is not None and got == want), "choice" if got else "choice_unparsed")
+        want = _choice_letter(unwrap(golds[0]))[0]
+        got, rest = _choice_letter(pred)
+        if got is None:
+            return out(0, "choice_unparsed")
+        if _choice_list(rest, got, row):
+            return out(0, "choice_list")
+        return out(float(got == want), "choice")
     if kind == "math":
         return out(*_math(pred, golds, cfg))
     if kind == "ruler":

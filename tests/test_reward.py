@@ -2,9 +2,11 @@
 batches, CLI. Each hack test is named after the trick it blocks and checks the honest answer is still paid."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -567,7 +569,7 @@ def test_blocks_math_verify_reading_one_side(junk):
 
 
 @pytest.mark.parametrize("gold,pred,rule", [
-    ("\\frac{1}{2}", "0.5", "math_verify"), ("x^2+1", "1+x^2", "math_verify"), ("50", "50\\%", "math_verify"),
+    ("\\frac{1}{2}", "0.5", "math_verify"), ("x^2+1", "1+x^2", "math_verify"), ("50\\%", "50 \\%", "minerva"),
     ("90", "90^\\circ", "minerva"), ("1000", "10^{3}", "math_verify"), ("\\{1,2\\}", "\\{2, 1\\}", "math_verify"),
     ("\\frac{1}{2}", "0.5 \\text{ cm}", "math_verify"), ("120", "5!", "math_verify"), ("2", "\\left( 2 \\right)", "math_verify"),
     ("(-\\infty, 2) \\cup (3, \\infty)", "(-\\infty,2)\\cup(3,\\infty)", "minerva"), ("3:4", "3:4", "minerva"),
@@ -823,3 +825,323 @@ def test_cli_help():
     p = subprocess.run([sys.executable, "reward.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "--qa_metric='sub_em'" in p.stdout and "--max_answer_chars=128" in p.stdout
     assert "--qa_rule='guarded'" in p.stdout and "--guards" not in p.stdout
+
+
+# ----------------------------------------------------------------------------- issue 23: rows with passages
+# Three invented worlds written as keychain.py writes rows ("Passage N:\nTitle\nText", then the question), each holding
+# the ambiguous-entity kinds: two regions sharing a word, an "X of Y" name, a name with a generic head beside other
+# names with that head, a lifespan, "A in northern B", "<year> by <founder>", two studios in one clause, a short name
+# inside a longer one, a full name then its surname, a title and a middle initial.
+from keychain import KEYCHAIN_PROMPT, QA_PROMPT, chat, doc_text, insert_pairs, make_chains, passages  # noqa: E402
+
+VANDRIA = [
+    ("Marrowby City", "Marrowby City is a city in Vandria. It is one of the larger settlements of Vandria."),
+    ("Dunber City", "Dunber City is a city in Ostrelia. A quiet exhibition about Dunber City toured for 9 years."),
+    ("Bank of Vandria", "The Bank of Vandria is a bank founded in 1794 by Ansel Kerrow. Its seat is in Marrowby City."),
+    ("Vandria", "Vandria is a country. Its capital is Marrowby City."),
+    ("Tollen", "Tollen is a town in northern Vandria. It lies on the Sarn River."),
+    ("Ostrel Films", "Ostrel Films is a production company. It was founded by Dr. Ada K. Morrow in Tollen."),
+    ("Brisk Pictures", "Brisk Pictures is a production company based in Dunber City."),
+    ("Tesselvor Studios", "Tesselvor Studios is a production company founded in 1950."),
+    ("The Polist", "The Polist is a film released in 1954. It was produced by Ostrel Films with Brisk Pictures."),
+    ("The Polist II", "The Polist II is a film released in 1961, the sequel to The Polist."),
+    ("Selsa Nezel", "Selsa Nezel (1903–1971) was a filmmaker. Nezel was born on 5 June 1903 in Tollen in northern "
+                    "Vandria."),
+    ("South Korea", "South Korea is a country in East Asia. It borders North Korea."),
+    ("North Korea", "North Korea is a country in East Asia."),
+    ("Ireland", "Ireland is an island in the North Atlantic. Its largest city is Dublin."),
+    ("Northern Ireland", "Northern Ireland is part of the United Kingdom, on the island of Ireland."),
+    ("York", "York is a cathedral city in England."),
+    ("New York", "New York is the most populous city in the United States."),
+    ("Barack Obama", "Barack Obama was the 44th president of the United States. Obama was born in Honolulu."),
+]
+ORLAN = [
+    ("Kestrel Valley", "Kestrel Valley is a valley in West Orlan. Kestrel Valley was settled in 1820."),
+    ("West Orlan", "West Orlan is a province. It borders East Orlan."),
+    ("East Orlan", "East Orlan is a province on the coast."),
+    ("University of Pellam", "The University of Pellam was founded in 1881 by Mira Soltane."),
+    ("Pellam", "Pellam is a town in eastern Orlan, the region both provinces are named after."),
+    ("Greater Pellam", "Greater Pellam is the metropolitan area around Pellam."),
+    ("Corvane Records", "Corvane Records is a record label founded by Prof. Lio T. Dask."),
+    ("Halden Records", "Halden Records is a label based in Pellam."),
+    ("Lio Dask", "Lio T. Dask (1911–1988) was a musician born on 3 March 1911 in Pellam in eastern Orlan."),
+    ("The Ember Road", "The Ember Road is a 1966 novel. It was published by Corvane Records with Halden Records."),
+    ("The Ember Road Returns", "The Ember Road Returns is a 1971 novel, the sequel to The Ember Road."),
+    ("Mira Soltane", "Mira Soltane was a novelist and the founder of a university. Soltane was born in Pellam."),
+]
+OSK = [
+    ("Lake Varn", "Lake Varn is a lake in the Osk highlands. The Varn River drains Lake Varn."),
+    ("Varn River", "The Varn River is a river that flows into the Hessel Sea."),
+    ("Varn", "Varn is a town on the shore of the lake, founded in 1712."),
+    ("Osk County", "Osk County is a county whose seat is Brell."),
+    ("Hale & Dorne", "Hale & Dorne is a publishing house founded in 1899 by Tomas Hale and Ivo Dorne."),
+    ("Kira Vell", "Dame Kira A. Vell (12 May 1931 – 4 April 2002) was a novelist. Vell lived in Brell."),
+    ("Night of the Vale", "Night of the Vale is a 1958 novel by Kira Vell, published by Hale & Dorne."),
+    ("Night of the Vale Returns", "Night of the Vale Returns is its 1963 sequel."),
+    ("Brell", "Brell is a town in Osk County. Greater Brell has 40,000 people."),
+    ("Juno Pictures", "Juno Pictures is a studio in Brell. It adapted Night of the Vale in 1960."),
+    ("Arden Pictures", "Arden Pictures is a studio in Varn."),
+]
+
+
+def world_row(world, *golds, kind="qa", seed=0):
+    """A training-like row over the world's passages (shuffled); kind=keychain also hides UUID chains in them."""
+    docs = [doc_text(t, b) for t, b in world]
+    random.Random(seed).shuffle(docs)
+    context = passages(docs)
+    if kind == "keychain":
+        rng = random.Random(seed)
+        start, pairs = make_chains(rng, ["Which country is Tollen in?", "Who founded Corvane Records?"], 4, "uuid")
+        user = KEYCHAIN_PROMPT.format(context=insert_pairs(context, pairs, rng), start_key=start)
+    else:
+        user = QA_PROMPT.format(context=context, question="Which one is it?")
+    return {"id": "w", "source": "hotpotqa", "kind": kind, "answers": list(golds), "messages": chat(user)}
+
+
+def paid(world, gold, answer):
+    """(reward, rule) of a boxed answer on rows of the world: QA and KeyChain rows, two passage orders, all agree."""
+    got = {rr(world_row(world, gold, kind=k, seed=s), T + f"\\boxed{{{answer}}}") for k in ("qa", "keychain")
+           for s in (0, 1)}
+    assert len(got) == 1, (gold, answer, got)
+    return got.pop()
+
+
+@pytest.mark.parametrize("world,gold,hack,right", [
+    (VANDRIA, "Marrowby City", "City", "Marrowby"), (VANDRIA, "Marrowby City", "the city", "Marrowby City"),
+    (VANDRIA, "Dunber City", "city", "Dunber"), (VANDRIA, "Ostrel Films", "Films", "Ostrel"),
+    (VANDRIA, "Tesselvor Studios", "Studios", "Tesselvor"), (ORLAN, "Kestrel Valley", "Valley", "Kestrel"),
+    (ORLAN, "Corvane Records", "Records", "Corvane"), (ORLAN, "Corvane Records", "the label", "Corvane Records"),
+    (OSK, "Lake Varn", "Lake", "Lake Varn"), (OSK, "Osk County", "County", "Osk County"),
+    (OSK, "Juno Pictures", "Pictures", "Juno"), (OSK, "Hessel Sea", "Sea", "the Hessel Sea"),
+])
+def test_blocks_generic_head_word(world, gold, hack, right):
+    assert paid(world, gold, hack)[0] == 0.0
+    assert paid(world, gold, hack)[1] in ("generic", "ambiguous", "sub_em")
+    assert paid(world, gold, right) == (1.0, "sub_em")
+
+
+@pytest.mark.parametrize("world,gold,hack,rule,right", [
+    (VANDRIA, "South Korea", "Korea", "ambiguous", "South Korea"), (VANDRIA, "North Korea", "North", "ambiguous", None),
+    (VANDRIA, "Bank of Vandria", "Vandria", "fragment", "the Bank of Vandria"),
+    (VANDRIA, "Bank of Vandria", "Bank", "fragment", None), (ORLAN, "West Orlan", "Orlan", "ambiguous", "West Orlan"),
+    (ORLAN, "University of Pellam", "Pellam", "fragment", "University of Pellam"),
+    (OSK, "Lake Varn", "Varn", "ambiguous", None), (OSK, "Varn River", "Varn", "ambiguous", "the Varn River"),
+    (OSK, "Osk County", "Osk", "ambiguous", None), (OSK, "Hale & Dorne", "Hale", "fragment", "Hale and Dorne"),
+])
+def test_blocks_part_naming_another_entity(world, gold, hack, rule, right):
+    assert paid(world, gold, hack) == (0.0, rule)
+    if right:
+        assert paid(world, gold, right) == (1.0, "sub_em")
+
+
+@pytest.mark.parametrize("world,span,golds", [
+    (VANDRIA, "(1903–1971)", ["1903", "1971"]), (VANDRIA, "1903-1971", ["1903", "1971"]),
+    (VANDRIA, "Tollen in northern Vandria", ["Tollen", "Vandria"]),
+    (VANDRIA, "1794 by Ansel Kerrow", ["1794", "Ansel Kerrow"]),
+    (VANDRIA, "Ostrel Films with Brisk Pictures", ["Ostrel Films", "Brisk Pictures"]),
+    (ORLAN, "(1911–1988)", ["1911", "1988"]), (ORLAN, "Pellam in eastern Orlan", ["Pellam", "Orlan"]),
+    (ORLAN, "1881 by Mira Soltane", ["1881", "Mira Soltane"]),
+    (ORLAN, "Corvane Records with Halden Records", ["Corvane Records", "Halden Records"]),
+    (OSK, "12 May 1931 – 4 April 2002", ["12 May 1931", "4 April 2002"]),
+    (OSK, "Brell in Osk County", ["Brell", "Osk County"]),
+    (OSK, "1899 by Tomas Hale", ["1899", "Tomas Hale"]),
+])
+def test_blocks_one_copied_span_holding_two_candidates(world, span, golds):
+    for gold in golds:  # copied verbatim from the passages, and still refused for either candidate
+        assert paid(world, gold, span) == (0.0, "extra_words"), gold
+        assert paid(world, gold, gold) == (1.0, "sub_em")
+
+
+def test_accepts_descriptors_copied_from_the_passages():
+    assert paid(VANDRIA, "Vandria", "northern Vandria") == (1.0, "sub_em")  # a lower-case word is no candidate
+    assert paid(VANDRIA, "Marrowby City", "the city Marrowby City") == (0.0, "extra_words")  # not a phrase there
+    assert paid(ORLAN, "Pellam", "the metropolitan area around Pellam")[0] == 0.0  # 3 words beside it
+
+
+@pytest.mark.parametrize("world,gold,longer", [
+    (VANDRIA, "Ireland", "Northern Ireland"), (VANDRIA, "York", "New York"), (VANDRIA, "The Polist", "The Polist II"),
+    (ORLAN, "Pellam", "Greater Pellam"), (ORLAN, "The Ember Road", "The Ember Road Returns"),
+    (OSK, "Brell", "Greater Brell"),  # its capital shows only at a sentence start
+    (OSK, "Night of the Vale", "Night of the Vale Returns"),
+])
+def test_blocks_longer_name_holding_the_gold(world, gold, longer):
+    assert paid(world, gold, longer) == (0.0, "longer_name")
+    assert rr(qa(gold), T + f"\\boxed{{{longer}}}") == (0.0, "extra_words")  # without passages: a name beside it
+
+
+@pytest.mark.parametrize("world,short,full", [(VANDRIA, "Obama", "Barack Obama"), (ORLAN, "Soltane", "Mira Soltane"),
+                                              (VANDRIA, "Nezel", "Selsa Nezel"), (OSK, "Vell", "Kira Vell")])
+def test_accepts_full_name_of_a_short_gold_and_the_reverse(world, short, full):
+    assert paid(world, short, full) == (1.0, "sub_em")  # the passages use the short name after the full one
+    assert paid(world, full, short) == (1.0, "sub_em")
+
+
+@pytest.mark.parametrize("world,gold,answers", [
+    (VANDRIA, "Ada Morrow", ["Ada K. Morrow", "Dr. Ada Morrow", "Dr. Ada K. Morrow", "ada k. morrow", "Ada K Morrow"]),
+    (VANDRIA, "Ada K. Morrow", ["Ada Morrow", "Dr. Ada K. Morrow"]),
+    (ORLAN, "Lio Dask", ["Prof. Lio T. Dask", "Professor Lio Dask", "Lio T. Dask"]),
+    (ORLAN, "Prof. Lio T. Dask", ["Lio Dask"]),
+    (OSK, "Kira Vell", ["Dame Kira Vell", "Kira A. Vell", "Dame Kira A. Vell", "Kira Vell (novelist)"]),
+])
+def test_accepts_name_without_middle_initial_or_title(world, gold, answers):
+    for answer in answers:
+        assert paid(world, gold, answer) == (1.0, "sub_em"), answer
+    assert paid(world, gold, "Ada Morrow Lio Dask")[0] == 0.0
+    assert rr(qa(gold), T + f"\\boxed{{{answers[0]}}}") == (1.0, "sub_em")  # no passages needed
+
+
+@pytest.mark.parametrize("gold,right,wrong", [
+    ("5 June 1903", ["June 5, 1903", "1903-06-05", "5th June 1903", "the 5th of June, 1903", "Friday, June 5, 1903",
+                     "5 Jun 1903", "1903/06/05", "05.06.1903", "June 1903"],
+     ["June 6, 1903", "5 June 1904", "June 5–6, 1903", "1903", "June", "05/06/1903", "June 5, 1903 or June 6, 1903"]),
+    ("March 3, 1911", ["3 March 1911", "1911-03-03", "3rd March 1911", "March 3rd, 1911", "3 March"],
+     ["4 March 1911", "1911-03-04", "March 3, 1912", "March 3, 1911, 1912 and 1913", "1911"]),
+    ("1911", ["3 March 1911", "March 1911"], ["3 March 1912"]),
+])
+def test_accepts_dates_in_any_written_form(gold, right, wrong):
+    row = world_row(ORLAN, gold)
+    for answer in right:
+        assert rr(row, T + f"\\boxed{{{answer}}}") == (1.0, "sub_em"), answer
+        assert rr(qa(gold), T + f"The answer is {answer}") == (1.0, "sub_em"), answer
+    for answer in wrong:
+        assert rr(row, T + f"\\boxed{{{answer}}}")[0] == 0.0, answer
+    assert rr(qa("1 December 2010"), T + "\\boxed{December 1, 2010}", replace(D, qa_metric="em")) == (1.0, "em")
+    assert rr(qa("1 December 2010"), T + "\\boxed{December 2010}", replace(D, qa_metric="em")) == (0.0, "date")
+
+
+def test_benchmark_metrics_read_names_and_dates_as_given():
+    # titles, initials and dates are the training reward's equivalences, never the benchmarks' metrics
+    for gold, pred in (("Dr. Ada K. Morrow", "Ada Morrow"), ("5 June 1903", "1903-06-05")):
+        for metric, fn in (("f1", qa_f1_score), ("hotpot_f1", hotpot_f1)):
+            assert score(qa(gold), T + f"\\boxed{{{pred}}}", replace(D, qa_metric=metric))[0] == fn(pred, gold) < 1
+        assert rr(qa(gold), T + f"\\boxed{{{pred}}}") == (1.0, "sub_em")
+
+
+def test_generated_data_pays_no_head_word_and_no_two_golds():
+    # the project's own data (keychain.generate_raw): every city gold ends in "City"; no head word or hedge pays
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        items = json.load(open(reward_world(tmp)))
+    cities = 0
+    for it in items:
+        docs = [doc_text(t, "".join(s)) for t, s in it["context"]]
+        user = QA_PROMPT.format(context=passages(docs), question=it["question"])
+        row = {"id": it["_id"], "kind": "keychain", "answers": [it["answer"]], "messages": chat(user)}
+        gold = it["answer"]
+        assert rr(row, T + f"\\boxed{{{gold}}}") == (1.0, "sub_em")
+        if gold.endswith(" City"):
+            cities += 1
+            assert rr(row, T + "\\boxed{City}")[0] == 0.0 and rr(row, T + "\\boxed{the city}")[0] == 0.0, gold
+            assert rr(row, T + f"\\boxed{{{gold[:-5]}}}") == (1.0, "sub_em"), gold
+        others = [t for t, _ in it["context"] if t != gold and not t.startswith("The ")][:3]
+        for other in others:
+            for join in (" in ", " ", " with ", " by ", ", ", " of "):
+                resp = T + f"\\boxed{{{gold}{join}{other}}}"
+                both = score(row, resp)[0] and score(dict(row, answers=[other]), resp)[0]
+                assert not both, resp
+    assert cities >= 20
+
+
+def reward_world(tmp):
+    from keychain import generate_raw
+
+    return generate_raw(tmp, n=200, seed=3)["hotpotqa"]
+
+
+@pytest.mark.parametrize("gold,hack", [("1234567", "1234567 76\u200b54321"), ("1234567", "1234567 765 4321"),
+                                       ("1234567", "1234567 7\u20096\u20095\u20094\u20093\u20092\u20091"),
+                                       ("1234567", "1234567 7 6 5 4 3 2 1"), ("amber", "amber lu\u200bnar")])
+def test_blocks_ruler_value_hidden_by_odd_characters(gold, hack):
+    assert rr(ruler(gold), T + f"\\boxed{{{hack}}}") == (0.0, "extra_values")
+    assert rr(ruler(gold), T + f"\\boxed{{{gold}\u200b}}") == (1.0, "ruler_all")
+    assert rr(ruler("1234567", "7654321"), T + "\\boxed{1. 1234567\u00a02. 7654321}") == (1.0, "ruler_all")
+    assert rr(qa("Paris"), T + "\\boxed{Par\u200bis}") == (1.0, "sub_em")
+
+
+def choice_row(letter="C"):
+    options = "(A) 10 km\n(B) 15 km\n(C) 12 km\n(D) 120 km\n(E) the U.S. mile"
+    return {"id": "c", "kind": "choice", "answers": [letter],
+            "messages": chat(f"Question: How far is it?\nChoices:{options}")}
+
+
+@pytest.mark.parametrize("hack", ["A. B. C. D.", "C. D.", "A: 12 km; B: 15 km", "C: 12 km; B: 15 km",
+                                  "C) 12 km or 15 km", "C. 12 km, 15 km", "C) 10 km", "C (also B.)"])
+def test_blocks_choice_letter_and_option_lists(hack):
+    assert rr(choice_row("C"), T + f"\\boxed{{{hack}}}")[0] == 0.0
+    assert rr(choice_row("A"), T + f"\\boxed{{{hack}}}")[0] == 0.0
+    for right in ("C", "C) 12 km", "(C) 12", "Option C: 12 km", "C. 12 km."):
+        assert rr(choice_row("C"), T + f"\\boxed{{{right}}}") == (1.0, "choice"), right
+    assert rr(choice_row("E"), T + "\\boxed{E. the U.S. mile}") == (1.0, "choice")
+
+
+@pytest.mark.parametrize("gold,hack,rule", [
+    ("3", "3\\%", "percent"), ("0.03", "3\\%", "percent"), ("30", "30 \\text{ percent}", "percent"),
+    ("43_5", "43_7", "base"), ("43_{5}", "43_{8}", "base"), ("23", "43_5", "base"), ("26", "1A_{16}", "base"),
+])
+def test_blocks_math_percent_and_wrong_base(gold, hack, rule):
+    assert rr(math_row(gold), T + f"\\boxed{{{hack}}}") == (0.0, rule)
+    assert rr(math_row(gold), T + f"\\boxed{{{gold}}}") == (1.0, "minerva")
+
+
+@pytest.mark.parametrize("gold,pred", [
+    ("90", "90\\degree"), ("90", "90°"), ("90", "90^{\\circ}"), ("90^\\circ", "90"), ("1000", "1\\,000"),
+    ("1000000", "1\\,000\\,000"), ("1000", "1 000"), ("1000", "1~000"), ("12\\%", "12\\%"), ("43_5", "43_{5}"),
+    ("43", "43_{10}"),
+])
+def test_accepts_math_degrees_thin_spaces_and_bases(gold, pred):
+    assert rr(math_row(gold), T + f"\\boxed{{{pred}}}")[0] == 1.0
+    assert rr(math_row("12"), T + "\\boxed{12\\,000}")[0] == 0.0  # a digit group makes another number
+
+
+@pytest.mark.parametrize("world", [VANDRIA, ORLAN])
+def test_no_answer_is_right_for_two_entities_of_the_passages(world):
+    # the invariant behind every rule of this issue, over every pair of names the passages give
+    names = [t for t, _ in world] + ["1903", "1971", "1794", "1911", "1988", "1881"]
+    joins = [" ", " in ", " in northern ", " in eastern ", " by ", " with ", " of ", "–", " (", "'s "]
+    rows = {g: world_row(world, g) for g in names}
+    paid_both = []
+    for a, b in itertools.permutations(names, 2):
+        for j in joins:
+            resp = T + f"\\boxed{{{a}{j}{b}{')' if j == ' (' else ''}}}"
+            if score(rows[a], resp)[0] and score(rows[b], resp)[0]:
+                paid_both.append(resp)
+    assert paid_both == []
+
+
+def test_passage_reading_equals_a_full_scan():
+    # Passages.find reads only the passages holding the phrase's longest word; the old full scan reads all of them
+    row = world_row(VANDRIA + ORLAN, "x", kind="keychain")
+    text = row["messages"][1]["content"]
+    ps = reward.Passages(text)
+    text = re.sub(r"Passage \d+:", "\n", reward._bare_name(text))
+    full = " \0 ".join(reward._norm(c) for c in re.split(r"[,;:!?()\[\]\n]|\.(?!\S)", text))
+    words = [w for w in full.split() if w != "\0"]
+    rng = random.Random(0)
+    phrases = {" ".join(words[i:i + rng.randint(1, 4)]) for i in rng.sample(range(len(words) - 4), 300)}
+    phrases |= {"obama honolulu", "city of vandria", "new york", "marrowby city", "1794 by ansel kerrow", "east asia"}
+    for p in phrases:
+        assert (next(ps.find(p), None) is not None) == (f" {p} " in f" {full} "), p
+    assert ps.is_name("vandria") and not ps.is_name("city") and ps.is_common("films") and not ps.is_common("marrowby")
+
+
+def test_passage_words_are_norm_words():
+    # the passages' tokenizer keeps each word's case but must write the words _norm writes
+    rng = random.Random(0)
+    atoms = ["Sony's", "SONY'S", "rock-and-roll", "1,000", "three", "The", "AN", "U.S.", "O'Neill", "&", "São", "3.5",
+             "Zürich", "“Hey”", "x_y", "a/b", "Twenty", "e.g", "–", "McDonald's", "co-op", "#1"]
+    for _ in range(500):
+        s = " ".join(rng.choices(atoms, k=rng.randint(1, 6)))
+        assert reward._tokens(s)[0] == reward._norm(s).split(), s
+
+
+def test_passage_rules_never_crash_on_any_answer():
+    rng = random.Random(0)
+    atoms = ["City", "city", "Vandria", "Korea", "North", "of", "in northern", "1903", "–", "(", ")", "Dr.", "K.", "by",
+             "with", "June", "5", ",", "Ada", "Morrow", "the", "Ireland", "Obama", "Barack", "II", "Films", "O'Neill",
+             "three", "1,000", "São", "\u200b", "Passage 2:", "\n", "Varn", "Lake", "&", "’s", "e.g.", "St."]
+    rows = [world_row(w, g, kind=k) for w, g in ((VANDRIA, "Marrowby City"), (VANDRIA, "5 June 1903"),
+                                                  (OSK, "Kira Vell"), (ORLAN, "Bank of Vandria")) for k in ("qa", "keychain")]
+    for i in range(1500):
+        answer = " ".join(rng.choices(atoms, k=rng.randint(1, 6)))
+        r, d = score(rows[i % len(rows)], T + f"\\boxed{{{answer}}}")
+        assert r in (0.0, 1.0) and d["rule"], answer
