@@ -75,6 +75,8 @@ class Config:
     max_new_tokens: int = 4096  # the authors: 4096, the training reply budget (a cut reply scores 0)
     engine: str = "auto"  # rollout engine for sampling (auto: vllm on GPU when installed)
     tp: int = 1  # vLLM tensor parallel size for the sampling model
+    gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU: no trainer beside it (filter and mining)
+    enforce_eager: bool = False  # vLLM without CUDA graphs or torch.compile: faster start, slower decoding
     batch: int = 64  # prompts per generate call
     # -- format warm-up: the tiny preset's random model, supervised, before the warmup stage
     format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
@@ -391,8 +393,8 @@ def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: 
     # 2) the engine: vLLM on GPU, the HF engine on CPU
     tok = keychain.load_tokenizer(tokenizer)
     kind = grpo.engine_kind(cfg.engine, device)
-    rcfg = rollout.Config(engine=kind, n=group, temperature=temperature, max_new_tokens=max_new_tokens,
-                          max_prompt_tokens=max_prompt, device=str(device), tp=tp, seed=cfg.seed)
+    rcfg = engine_config(cfg, kind, str(device), group=group, temperature=temperature,
+                         max_new_tokens=max_new_tokens, max_prompt=max_prompt, tp=tp)
     engine = rollout.make_engine(rcfg, model, tok)
     # 3) sample, score, append one line per job as soon as its batch is done
     part = out / f"counts.rank{rank}.jsonl"
@@ -412,6 +414,18 @@ def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: 
         print(f"rank {rank}: {too_long} items over {max_prompt} prompt tokens got no pass count")
     dist.barrier()
     return read()
+
+
+def engine_config(cfg: Config, kind: str, device: str, *, group: int, temperature: float, max_new_tokens: int,
+                  max_prompt: int, tp: int):
+    """The sampling engine of the filter and of hard mining: no trainer shares its GPU, so no sleep mode and
+    most of the memory for the KV cache (Qwen2.5-32B at tp=2 leaves little of 80 GB at a 0.5 share)."""
+    import rollout
+
+    return rollout.Config(engine=kind, n=group, temperature=temperature, max_new_tokens=max_new_tokens,
+                          max_prompt_tokens=max_prompt, device=device, tp=tp, seed=cfg.seed,
+                          enable_sleep_mode=False, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          enforce_eager=cfg.enforce_eager)
 
 
 def filter_correct(text: str, golds: list[str]) -> bool:

@@ -85,6 +85,7 @@ class Config:
     engine: str = "auto"  # auto (vllm on GPU when installed, else hf) | hf | vllm
     tp: int = 2  # vLLM tensor parallel size (the authors' rollouts: 2-4); must divide the world size
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU (weights + KV cache); the rest is training's
+    enforce_eager: bool = False  # vLLM without CUDA graphs or torch.compile: faster start, slower decoding
     device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     timeout_hours: float = 3.0  # collective timeout: ranks wait in barriers while rank 0 exports or others generate
     # -- checkpoints and logging
@@ -520,12 +521,18 @@ def load_models(cfg: Config, tok, kind: str, mesh, device: torch.device) -> tupl
 
 def make_engine(cfg: Config, kind: str, lm: nn.Module, tok, device: torch.device):
     """rollout.py's engine with this stage's sampling settings (bf16 on GPU, like the policy's compute)."""
-    rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
+    return rollout.make_engine(engine_config(cfg, kind, device), lm, tok)
+
+
+def engine_config(cfg: Config, kind: str, device: torch.device) -> rollout.Config:
+    # vLLM sleeps at level 2 during the update: every wake is a push that rewrites all weights, so level 1's
+    # copy of them to pinned host memory and back would be wasted (rollout.VLLMEngine.update_weights)
+    return rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
                           max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                           seed=cfg.seed, device=str(device), tp=cfg.tp,
                           dtype="bfloat16" if device.type == "cuda" else "float32",
-                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-    return rollout.make_engine(rcfg, lm, tok)
+                          gpu_memory_utilization=cfg.gpu_memory_utilization, sleep_level=2,
+                          enforce_eager=cfg.enforce_eager)
 
 
 # ----------------------------------------------------------------------------- one step's pieces
@@ -610,6 +617,12 @@ def backward_micro_batch(policy: Policy, mb: list[dict], n_tok: float, stats: di
     if ref is not None:
         stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok
     stats["clip_frac"] += policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)[1].sum().item() / n_tok
+    # trainer vs engine log-probs of the sampled tokens before the update: ~1e-5 in fp32; an engine that missed
+    # a push (a resume that did not reach it) is off by whole nats
+    gap = (old.detach() - cat("engine_lp")).abs()
+    stats["engine_gap_sum"] += gap.sum().item()
+    stats["engine_gap_max"] = max(stats["engine_gap_max"], gap.max().item())
+    stats["engine_gap_tokens"] += len(gap)
     stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
 
 
@@ -662,6 +675,8 @@ def log_line(step: int, recs: list[dict], dropped: int, groups: int, stats: dict
     line["optimizer_steps"] = stats["steps"]
     line["entropy"] = tot(stats["entropy_sum"]) / max(tot(stats["entropy_tokens"]), 1)
     line["grad_norm"] = mean(stats["grad_norm"])
+    line["engine_logp_gap"] = tot(stats["engine_gap_sum"]) / max(tot(stats["engine_gap_tokens"]), 1)
+    line["engine_logp_gap_max"] = all_max(stats["engine_gap_max"], device)
     line["skipped_steps"] = int(all_max(stats["skipped"], device))
     line["t_gen"] = all_max(t_gen, device)
     line["t_update"] = all_max(t_update, device)
@@ -925,6 +940,9 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
             # entropy per completion token: from the old-log-prob pass when there was one, else added in phase 4
             "entropy_sum": sum(float(s["entropy"].sum()) for s in seqs if "entropy" in s),
             "entropy_tokens": sum(len(s["completion"]) for s in seqs),
+            "engine_gap_sum": 0.0,  # |trainer - engine| log-prob per sampled token, summed (log: the mean)
+            "engine_gap_max": 0.0,  # and its largest value
+            "engine_gap_tokens": 0,  # tokens compared
         }
         for _ in range(cfg.ppo_epochs):
             order = seqs[:]
