@@ -81,6 +81,7 @@ class Config:
     # -- format warm-up: the tiny preset's random model, supervised, before the warmup stage
     format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
     format_lr: float = 6e-3  # high for a random 2-layer model: the format must be learned in seconds
+    tiny_heads: int = 4  # attention heads of the 64-wide tiny model: 4 of 16; ENGINE=vllm: 2 of 32 (vLLM's CPU minimum)
     # -- check
     nproc: int = 0  # check: GPUs needed on this node (0 = CPU run)
     node_rank: int = 0  # check: nodes other than 0 need no raw files
@@ -306,7 +307,8 @@ def format_warmup(cfg: Config, run: Path) -> None:
         completion = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append({"prompt": prompt, "completion": completion})
     # 2) supervised steps on the completion tokens only
-    lm = rollout.tiny_model(len(tok), cfg.seed).train()
+    lm = rollout.tiny_model(len(tok), cfg.seed, num_attention_heads=cfg.tiny_heads,
+                            num_key_value_heads=max(1, cfg.tiny_heads // 2)).train()
     policy = grpo.Policy(lm)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.format_lr)
     rng = random.Random(cfg.seed)
@@ -736,6 +738,8 @@ def validate(cfg: Config, run: Path) -> None:
         raise SystemExit(f"curriculum.py: --{bad[0]}={getattr(cfg, bad[0])} must be positive")
     if cfg.mine_mode not in ("sample", "rollouts"):
         raise SystemExit(f"curriculum.py: --mine_mode={cfg.mine_mode!r}: sample | rollouts")
+    if not 0 < cfg.tiny_heads <= 64 or 64 % cfg.tiny_heads:  # heads of equal width over the tiny model's 64
+        raise SystemExit(f"curriculum.py: --tiny_heads={cfg.tiny_heads} must divide 64")
     if cfg.command == "summary" and not run.is_dir():
         raise SystemExit(f"error: run dir {run} does not exist")
     if cfg.command == "mine":

@@ -476,6 +476,9 @@ def check_inputs(cfg: Config) -> list[dict]:
         raise SystemExit(f"grpo.py: {cfg.data}: {fit} rows within --max_prompt_tokens, fewer than one batch of "
                          f"{cfg.batch_prompts} (give --steps to cycle over them)" if fit else f"grpo.py: {cfg.data}: no rows")
     # 4) the model
+    if cfg.model == "tiny" and cfg.engine == "vllm":
+        raise SystemExit("grpo.py: --engine=vllm loads the model from a folder, and --model=tiny has none "
+                         "(save one with save_pretrained; vLLM's CPU attention needs heads of 32 or more)")
     if cfg.model != "tiny":
         try:  # a local folder or a hub id: its config proves the name before any folder is made
             from transformers import AutoConfig

