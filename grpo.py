@@ -678,8 +678,9 @@ def log_line(step: int, recs: list[dict], dropped: int, groups: int, stats: dict
     line["optimizer_steps"] = stats["steps"]
     line["entropy"] = tot(stats["entropy_sum"]) / max(tot(stats["entropy_tokens"]), 1)
     line["grad_norm"] = mean(stats["grad_norm"])
-    line["engine_logp_gap"] = tot(stats["engine_gap_sum"]) / max(tot(stats["engine_gap_tokens"]), 1)
-    line["engine_logp_gap_max"] = all_max(stats["engine_gap_max"], device)
+    compared = tot(stats["engine_gap_tokens"])  # 0 when every group was dropped: null, not a perfect 0
+    line["engine_logp_gap"] = tot(stats["engine_gap_sum"]) / compared if compared else None
+    line["engine_logp_gap_max"] = all_max(stats["engine_gap_max"], device) if compared else None
     line["skipped_steps"] = int(all_max(stats["skipped"], device))
     line["t_gen"] = all_max(t_gen, device)
     line["t_update"] = all_max(t_update, device)
