@@ -75,10 +75,13 @@ class Config:
     max_new_tokens: int = 4096  # the authors: 4096, the training reply budget (a cut reply scores 0)
     engine: str = "auto"  # rollout engine for sampling (auto: vllm on GPU when installed)
     tp: int = 1  # vLLM tensor parallel size for the sampling model
+    gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU: no trainer beside it (filter and mining)
+    enforce_eager: bool = False  # vLLM without CUDA graphs or torch.compile: faster start, slower decoding
     batch: int = 64  # prompts per generate call
     # -- format warm-up: the tiny preset's random model, supervised, before the warmup stage
     format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
     format_lr: float = 6e-3  # high for a random 2-layer model: the format must be learned in seconds
+    tiny_heads: int = 4  # attention heads of the 64-wide tiny model: 4 of 16; ENGINE=vllm: 2 of 32 (vLLM's CPU minimum)
     # -- check
     nproc: int = 0  # check: GPUs needed on this node (0 = CPU run)
     node_rank: int = 0  # check: nodes other than 0 need no raw files
@@ -304,7 +307,8 @@ def format_warmup(cfg: Config, run: Path) -> None:
         completion = tok(target, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         seqs.append({"prompt": prompt, "completion": completion})
     # 2) supervised steps on the completion tokens only
-    lm = rollout.tiny_model(len(tok), cfg.seed).train()
+    lm = rollout.tiny_model(len(tok), cfg.seed, num_attention_heads=cfg.tiny_heads,
+                            num_key_value_heads=max(1, cfg.tiny_heads // 2)).train()
     policy = grpo.Policy(lm)
     opt = torch.optim.AdamW(lm.parameters(), lr=cfg.format_lr)
     rng = random.Random(cfg.seed)
@@ -391,8 +395,8 @@ def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: 
     # 2) the engine: vLLM on GPU, the HF engine on CPU
     tok = keychain.load_tokenizer(tokenizer)
     kind = grpo.engine_kind(cfg.engine, device)
-    rcfg = rollout.Config(engine=kind, n=group, temperature=temperature, max_new_tokens=max_new_tokens,
-                          max_prompt_tokens=max_prompt, device=str(device), tp=tp, seed=cfg.seed)
+    rcfg = engine_config(cfg, kind, str(device), group=group, temperature=temperature,
+                         max_new_tokens=max_new_tokens, max_prompt=max_prompt, tp=tp)
     engine = rollout.make_engine(rcfg, model, tok)
     # 3) sample, score, append one line per job as soon as its batch is done
     part = out / f"counts.rank{rank}.jsonl"
@@ -412,6 +416,18 @@ def pass_counts(cfg: Config, jobs: list[dict], out: Path, *, model: str, group: 
         print(f"rank {rank}: {too_long} items over {max_prompt} prompt tokens got no pass count")
     dist.barrier()
     return read()
+
+
+def engine_config(cfg: Config, kind: str, device: str, *, group: int, temperature: float, max_new_tokens: int,
+                  max_prompt: int, tp: int):
+    """The sampling engine of the filter and of hard mining: no trainer shares its GPU, so no sleep mode and
+    most of the memory for the KV cache (Qwen2.5-32B at tp=2 leaves little of 80 GB at a 0.5 share)."""
+    import rollout
+
+    return rollout.Config(engine=kind, n=group, temperature=temperature, max_new_tokens=max_new_tokens,
+                          max_prompt_tokens=max_prompt, device=device, tp=tp, seed=cfg.seed,
+                          enable_sleep_mode=False, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          enforce_eager=cfg.enforce_eager)
 
 
 def filter_correct(text: str, golds: list[str]) -> bool:
@@ -722,6 +738,8 @@ def validate(cfg: Config, run: Path) -> None:
         raise SystemExit(f"curriculum.py: --{bad[0]}={getattr(cfg, bad[0])} must be positive")
     if cfg.mine_mode not in ("sample", "rollouts"):
         raise SystemExit(f"curriculum.py: --mine_mode={cfg.mine_mode!r}: sample | rollouts")
+    if not 0 < cfg.tiny_heads <= 64 or 64 % cfg.tiny_heads:  # heads of equal width over the tiny model's 64
+        raise SystemExit(f"curriculum.py: --tiny_heads={cfg.tiny_heads} must divide 64")
     if cfg.command == "summary" and not run.is_dir():
         raise SystemExit(f"error: run dir {run} does not exist")
     if cfg.command == "mine":

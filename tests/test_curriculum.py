@@ -72,6 +72,13 @@ def test_near_docs_keeps_what_the_question_names_and_what_those_name():
     assert len(item["docs"]) == 6  # the input item is left as it was
 
 
+def test_tiny_heads_must_divide_the_width(tmp_path):
+    r = subprocess.run([sys.executable, "curriculum.py", "format", "--tiny_heads=3", f"--run_dir={tmp_path / 'r'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--tiny_heads=3 must divide 64" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_mining_on_hand_made_counts():
     rows = [{"id": f"r{i}", "source": src} for i, src in enumerate(["a", "a", "a", "b", "b"])]
     counts = {"r0": (8, 0), "r1": (8, 3), "r2": (8, 8), "r3": (8, 7), "r4": (8, 8)}
@@ -105,6 +112,8 @@ def train_sh(*args, env=None, timeout=60):
     (("7b",), {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1"}, "NODE_RANK=2 must be below NNODES=2"),
     (("7b",), {"NNODES": "2"}, "needs MASTER_ADDR"),
     (("7b",), {"MASTER_PORT": "x"}, "MASTER_PORT must be a non-negative integer"),
+    (("tiny",), {"ENGINE": "sglang"}, "ENGINE must be hf or vllm, got 'sglang'"),
+    (("7b",), {"ENGINE": "hf"}, "ENGINE=hf: the 7b preset generates with vLLM"),
 ])
 def test_train_sh_rejects_bad_arguments(args, env, msg):
     r = train_sh(*args, env={"MASTER_ADDR": "", **env})

@@ -209,11 +209,12 @@ def test_stale_old_logprobs_keep_the_mini_batch_finite(tiny_tok):
         lp, _ = policy(*grpo.padded_inputs(seqs, torch.device("cpu")))
     n = [len(s["completion"]) for s in seqs]
     for s, a, shift, old in zip(seqs, (-1.0, 1.0, -1.0), (-100.0, 0.0, 0.0), lp.split(n)):
-        s.update(adv=a, old=old + shift)
+        s.update(adv=a, old=old + shift, engine_lp=old + shift)
 
     def run(**opts):
         cfg = grpo.Config(kl_coef=0.0, **opts)
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy_sum": 0.0}
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "engine_gap_sum": 0.0,
+                 "engine_gap_max": 0.0, "engine_gap_tokens": 0}
         lm.zero_grad()
         grpo.backward_micro_batch(policy, seqs, sum(n), stats, cfg, 1, False, torch.device("cpu"))
         return stats["loss"], [p.grad for p in lm.parameters()]
@@ -548,7 +549,8 @@ def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_pa
 
     def grads(batch):
         policy.zero_grad(set_to_none=True)
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy_sum": 0.0}
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "tokens": 0.0, "entropy_sum": 0.0, "engine_gap_sum": 0.0,
+                 "engine_gap_max": 0.0, "engine_gap_tokens": 0}
         for mb in grpo.micro_batches(batch, packed, cfg.micro_tokens, device):
             grpo.backward_micro_batch(policy, mb, n_tok, stats, cfg, world, packed, device)
         return stats, [p.grad.full_tensor().clone() for p in policy.parameters()]
@@ -560,6 +562,11 @@ def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_pa
     assert skip_stats["loss"] == pytest.approx(old_stats["loss"], rel=1e-5, abs=1e-7)
     assert skip_stats["kl"] == pytest.approx(old_stats["kl"], rel=1e-5) and skip_stats["kl"] > 0
     assert skip_stats["entropy_sum"] == pytest.approx(sum(float(s["entropy"].sum()) for s in with_old), rel=1e-5)
+    # the trainer-engine gap in log.jsonl: |old - engine| per sampled token, from either path
+    gaps = torch.cat([(s["old"] - s["engine_lp"]).abs() for s in with_old])
+    for st in (skip_stats, old_stats):
+        assert st["engine_gap_tokens"] == n_tok and st["engine_gap_sum"] == pytest.approx(float(gaps.sum()), rel=1e-5)
+        assert st["engine_gap_max"] == pytest.approx(float(gaps.max()), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(skip, full))
     assert any(a.abs().sum() > 0 for a in skip)
     scored = []  # the no-gradient passes of a real step: (key, sequences)

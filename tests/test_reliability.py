@@ -97,6 +97,7 @@ def rows_dir(tmp_path):
     (["--data=good.jsonl", "--batch_prompts=4", "--dual_clip=1"], "--dual_clip=1.0 must be 0 (off) or above 1"),
     (["--data=good.jsonl", "--adv_std=maybe"], "--adv_std expects true/false/1/0/yes/no"),
     (["--data=good.jsonl", "--batch_prompts=8"], "4 rows within --max_prompt_tokens, fewer than one batch of 8"),
+    (["--data=good.jsonl", "--batch_prompts=4", "--engine=vllm"], "--engine=vllm loads the model from a folder"),
 ])
 def test_grpo_bad_input_is_one_line_and_creates_nothing(rows_dir, args, msg):
     model = [] if any(a.startswith("--model") for a in args) else ["--model=tiny"]

