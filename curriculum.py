@@ -515,12 +515,11 @@ def report_table(report: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- checks: before a run, and the preflight
-# GiB per GPU each preset was sized for (train.sh: A100 / H100 80GB, MI300X 192GB; gpu1: a 0.5B model, vLLM at 30%)
-GPU_GIB = {"tiny": 0, "gpu1": 16, "7b": 75, "14b": 75, "7b-mi300x": 180}
-# parameters of the hub models train.sh names (their config.json shapes), for the arithmetic when no config loads
+GPU_GIB = {"tiny": 0, "gpu1": 16, "7b": 75, "14b": 75, "7b-mi300x": 180}  # per GPU, what train.sh sized each for
+# parameters of the models train.sh names (their configs' shapes), for the arithmetic when a config does not load;
+# gpu1's random model (Qwen2.5-0.5B's shape) is built by the run itself
 HUB_PARAMS = {"Qwen/Qwen2.5-7B-Instruct": 7_615_616_512, "Qwen/Qwen2.5-14B-Instruct": 14_770_033_664,
-              "Qwen/Qwen2.5-32B-Instruct": 32_763_876_352}
-GPU1_PARAMS = 494_032_768  # gpu1's random model: Qwen2.5-0.5B's shape (grpo.save_random_model builds it in the run)
+              "Qwen/Qwen2.5-32B-Instruct": 32_763_876_352, "gpu1": 494_032_768}
 GIB = 1 << 30
 
 
@@ -533,170 +532,165 @@ def disk_need(params: int, keep: int, rows: int, max_tokens: int, gpu: bool) -> 
 
 
 def model_facts(name: str, deep: bool) -> tuple[int, str, list[str], int]:
-    """(parameters, what was found, problems, bytes still to download) for a local folder or hub id: its config
-    (then the parameters, counted on the meta device); deep: also its tokenizer and weight files."""
-    import json as _json
-
+    """(parameters, what was found, problems, bytes to download) of a local folder or hub id: its config, the
+    parameters counted on the meta device; deep: also its tokenizer and the weight files its index names."""
     import torch
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hub_logging.set_verbosity_error()  # an unreachable hub: one problem line, not a retry warning per attempt
-    try:  # a hub id: resolving its config is cheap and proves the name and access
+    hub_logging.set_verbosity_error()  # an unreachable hub: one problem line, not a warning per retry
+    try:
         config = AutoConfig.from_pretrained(name)
         with torch.device("meta"):
             params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
         if deep:
             keychain.load_tokenizer(name)
     except Exception as e:  # noqa: BLE001 - any failure means the run cannot start
-        n = HUB_PARAMS.get(name, 0)  # a known hub id: its size still counts for the disk and the download
+        n = HUB_PARAMS.get(name, 0)  # a known hub id still counts for the disk and the download
         return n, "does not load", [f"model {name}: {str(e).strip().splitlines()[0][:200]}"], 2 * n * deep
     found = f"{params / 1e9:.2f}B parameters" + (", tokenizer loads" if deep else "")
     if not deep:
         return params, found, [], 0
-    # the weight files: every shard the index names (a local folder: present; a hub id: cached or downloaded later)
-    if Path(name).is_dir():
-        get = lambda f: str(Path(name) / f) if (Path(name) / f).exists() else None  # noqa: E731
-    else:
-        from huggingface_hub import try_to_load_from_cache
+    local = Path(name).is_dir()
 
-        get = lambda f: (lambda hit: hit if isinstance(hit, str) else None)(try_to_load_from_cache(name, f))  # noqa: E731
-    index = get("model.safetensors.index.json")
-    files = sorted(set(_json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
-    missing = [f for f in files if not get(f)]
-    if Path(name).is_dir() and missing:
+    def where(f: str) -> str | None:  # a local folder holds its weights; a hub id has them cached, or downloads them
+        if local:
+            return str(Path(name) / f) if (Path(name) / f).exists() else None
+        hit = try_to_load_from_cache(name, f)
+        return hit if isinstance(hit, str) else None
+
+    index = where("model.safetensors.index.json")
+    files = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
+    missing = [f for f in files if not where(f)]
+    if local and missing:
         return params, found, [f"model {name}: weight file(s) missing: {', '.join(missing[:3])}"], 0
-    return params, found + (", weights to download" if missing else ", weights present"), [], 2 * params * bool(missing)
+    return params, found + (", weights to download" if missing else ", weights here"), [], 2 * params * bool(missing)
 
 
 def engine_facts(gpu: bool) -> dict[str, tuple[str, bool]]:
-    """vLLM and flash-attn: (version and state, usable) each. vLLM must import and sit in rollout.VLLM_RANGE;
-    flash-attn must run a tiny varlen call on this GPU (grpo.flash_attn_ok)."""
+    """vLLM and flash-attn: (state, usable) each. vLLM must import and sit in rollout.VLLM_RANGE; flash-attn
+    must run a tiny varlen call on this GPU (grpo.flash_attn_ok; SDPA otherwise)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    import torch
+
+    import grpo
     import rollout
 
     out = {}
     for pkg in ("vllm", "flash_attn"):
         try:
             v = version(pkg)
+            __import__(pkg)  # a wheel built for another torch or CUDA fails here
         except PackageNotFoundError:
             out[pkg] = ("not installed", False)
             continue
-        try:
-            __import__(pkg)
-        except Exception as e:  # noqa: BLE001 - a wheel built for another torch or CUDA fails here
+        except Exception as e:  # noqa: BLE001
             out[pkg] = (f"{v}, does not import ({type(e).__name__})", False)
             continue
         if pkg == "vllm":
             ok = rollout.vllm_version_ok(v)
-            out[pkg] = (f"{v}" + ("" if ok else f", outside {rollout.vllm_range_text()}"), ok)
+            out[pkg] = (v if ok else f"{v}, outside {rollout.vllm_range_text()}", ok)
         else:
-            import torch
-
-            import grpo
-
             ok = gpu and grpo.flash_attn_ok(torch.device("cuda", 0))
             out[pkg] = (f"{v}, " + ("usable" if ok else "not usable here (SDPA instead)"), ok)
     return out
 
 
 def check(cfg: Config, run: Path, free: int | None = None, found: list[tuple[str, int]] | None = None) -> list[str]:
-    """Fail fast, before any heavy work: the data, the model(s), this node's GPUs. With --preflight (bash train.sh
-    PRESET check) also the tokenizer and weight files, GPU memory, disk for the whole run, vLLM and flash-attn,
-    with a table of what it found. Returns the problems, one line each. Tests pass `free` (bytes free in RUN_DIR)
-    and `found` ([(name, bytes)] per GPU) instead of this machine's own."""
+    """Before a run (train.sh): the data, the model(s), this node's GPUs. --preflight (bash train.sh PRESET check)
+    adds tokenizers and weight files, GPU memory, disk for the whole run and the downloads, vLLM and flash-attn,
+    and prints a table of what it found. Returns the problems, one line each. Tests pass `free` (bytes free in
+    RUN_DIR) and `found` ([(name, bytes)] per GPU) in place of this machine's."""
+    import shutil
+
+    import torch
+
+    import grpo
+
     errors: list[str] = []
-    table: list[tuple[str, str, str]] = []  # (what, found, what the preset needs)
-    # 1) data: the released rows, or the raw files (nodes other than 0 read node 0's data)
-    raw = raw_paths(cfg, run) if cfg.preset not in ("tiny", "gpu1") else {}
-    if cfg.released:
-        errors += [] if Path(cfg.released).exists() else [f"RELEASED not found: {cfg.released}"]
-    elif raw and cfg.node_rank == 0 and not any(p for k, p in raw.items()):
+    table = [("", "found", f"preset {cfg.preset} needs")]
+    # 1) data: the released rows or the raw files, on node 0 (the other nodes read its data)
+    raw = {} if cfg.preset in ("tiny", "gpu1") else raw_paths(cfg, run)
+    have = [k for k, p in raw.items() if k != "haystack" and p and Path(p).exists()]
+    if cfg.released and not Path(cfg.released).exists():
+        errors.append(f"RELEASED not found: {cfg.released}")
+    elif raw and not cfg.released and cfg.node_rank == 0 and not any(raw.values()):
         errors.append(f"no data for preset {cfg.preset}: set RELEASED=path/to/LoongRL-Train-Data (the authors' "
                       "rows) or the raw files HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA (HAYSTACK optional)")
-    elif raw and cfg.node_rank == 0:
+    elif raw and not cfg.released and cfg.node_rank == 0:
         errors += [f"raw file for {k} not found: {p or '(not set)'}" for k, p in raw.items()
-                   if k != "haystack" and not (p and Path(p).exists())]
+                   if k != "haystack" and k not in have]
         if raw["haystack"] and not Path(raw["haystack"]).exists():
             errors.append(f"HAYSTACK file not found: {raw['haystack']}")
-    have_raw = sum(bool(p and Path(p).exists()) for k, p in raw.items() if k != "haystack")
-    table.append(("data", f"RELEASED={cfg.released}" if cfg.released else f"{have_raw} of 5 raw files" if raw
-                  else "generated by the run", "RELEASED or 5 raw files" if raw else ""))
-    # 2) the policy model and the filter model: their configs (and with --preflight tokenizer and weights)
-    params = GPU1_PARAMS if cfg.preset == "gpu1" else 0
+    table.append(("data", cfg.released or (f"{len(have)} of 5 raw files" if raw else "generated by the run"),
+                  "RELEASED or the 5 raw files" if raw else ""))
+    # 2) the policy and the filter model (gpu1's random model is built by the run)
+    params = HUB_PARAMS["gpu1"] if cfg.preset == "gpu1" else 0
     download = 0
     for role, name in (("model", cfg.model), ("filter model", cfg.filter_model)):
         if not name or name == "tiny" or (cfg.preset == "gpu1" and role == "model" and not Path(name).exists()):
-            table.append((role, name or "none", "built by the run" if name else ""))
+            table.append((role, name or "none", ""))
             continue
         n, note, bad, more = model_facts(name, cfg.preflight)
         params = n if role == "model" else params
         download += more
         errors += bad
         table.append((f"{role} {name}", note, ""))
-    # 3) this node's GPUs: how many, and their memory
-    gpu_list = found
-    if gpu_list is None:
-        import torch
-
-        gpu_list = [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
-                    for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    if cfg.gpus and len(gpu_list) < cfg.gpus:
-        errors.append(f"this node has {len(gpu_list)} GPU(s); preset {cfg.preset} needs {cfg.gpus}")
-    need_gib = GPU_GIB[cfg.preset]
-    small = [f"{i} ({n}, {b / GIB:.0f} GiB)" for i, (n, b) in enumerate(gpu_list[:cfg.gpus]) if b < need_gib * GIB]
-    if cfg.gpus and cfg.preflight and small:
-        errors.append(f"GPU {small[0]} has less than the {need_gib} GiB preset {cfg.preset} was sized for"
+    # 3) this node's GPUs: how many, how much memory
+    gpus = found
+    if gpus is None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory) for i in range(count)]
+    gib = GPU_GIB[cfg.preset]
+    small = [f"{i} ({n}, {b / GIB:.0f} GiB)" for i, (n, b) in enumerate(gpus[:cfg.gpus]) if b < gib * GIB]
+    if len(gpus) < cfg.gpus:
+        errors.append(f"this node has {len(gpus)} GPU(s); preset {cfg.preset} needs {cfg.gpus}")
+    if cfg.preflight and small:
+        errors.append(f"GPU {small[0]} has less than the {gib} GiB preset {cfg.preset} was sized for"
                       + (f" (and {len(small) - 1} more)" if len(small) > 1 else ""))
-    gpus = f"{len(gpu_list)} x {gpu_list[0][0]}, {gpu_list[0][1] / GIB:.0f} GiB" if gpu_list else "none"
-    table.append(("GPUs on this node", gpus, f"{cfg.gpus} x {need_gib} GiB" if cfg.gpus else "none (CPU)"))
-    # 4) vLLM (every GPU preset but gpu1 generates with it) and flash-attn (optional: SDPA otherwise)
+    table.append(("GPUs on this node", f"{len(gpus)} x {gpus[0][0]}, {gpus[0][1] / GIB:.0f} GiB" if gpus else "none",
+                  f"{cfg.gpus} x {gib} GiB" if cfg.gpus else ""))
+    # 4) vLLM (every GPU preset but gpu1 generates with it), flash-attn (optional)
     needs_vllm = cfg.gpus > 0 and cfg.preset != "gpu1"
     if cfg.preflight:
-        for pkg, (state, ok) in engine_facts(bool(gpu_list)).items():
-            table.append((pkg, state, "required" if pkg == "vllm" and needs_vllm else "optional"))
-            if pkg == "vllm" and needs_vllm and not ok:
-                errors.append(f"vllm: {state} (pip install -r requirements-gpu.txt): GPU presets generate with it")
-    elif needs_vllm:
-        import importlib.util
+        engines = engine_facts(bool(gpus))
+    else:  # before a run, installed is enough: rollout.py checks the version as it starts the engine
+        engines = {"vllm": ("installed", True) if grpo._has("vllm") else ("not installed", False)}
+    state, usable = engines["vllm"]
+    if needs_vllm and not usable:
+        errors.append(f"vllm: {state} (pip install -r requirements-gpu.txt): GPU presets generate with it")
+    table += [(pkg, state, "required" if pkg == "vllm" and needs_vllm else "") for pkg, (state, _) in engines.items()]
+    if not cfg.preflight:
+        return errors
+    # 5) disk: everything the run writes in RUN_DIR (may not exist yet), and the downloads in the hub cache
+    from huggingface_hub import constants
 
-        if importlib.util.find_spec("vllm") is None:
-            errors.append("vllm is not installed (pip install -r requirements-gpu.txt): GPU presets generate with it")
-    # 5) disk: what the whole run writes in RUN_DIR, and the downloads in the hub cache
-    if cfg.preflight:
-        import shutil
-
-        import grpo
-        from huggingface_hub import constants
-
-        need = disk_need(params, grpo.Config().keep, sum(MIX.values()) * cfg.scale, cfg.max_tokens, cfg.gpus > 0)
-        at = next(p for p in [run, *run.absolute().parents] if p.exists())  # RUN_DIR may not exist yet
-        have = shutil.disk_usage(at).free if free is None else free
-        parts = ", ".join(f"{k} {v / 1e9:.0f} GB" for k, v in need.items())
-        table.append((f"disk in {run}", f"{have / 1e9:.0f} GB free", f"{sum(need.values()) / 1e9:.0f} GB ({parts})"))
-        if have < sum(need.values()):
-            errors.append(f"disk: {run} has {have / 1e9:.0f} GB free; the run writes about "
-                          f"{sum(need.values()) / 1e9:.0f} GB ({parts})")
-        cache = Path(constants.HF_HUB_CACHE)
-        cache_free = shutil.disk_usage(next(p for p in [cache, *cache.parents] if p.exists())).free
-        table.append((f"hub cache {cache}", f"{cache_free / 1e9:.0f} GB free", f"{download / 1e9:.0f} GB to download"))
-        if cache_free < download:
-            errors.append(f"disk: the hub cache {cache} has {cache_free / 1e9:.0f} GB free; the models still to "
-                          f"download need {download / 1e9:.0f} GB (HF_HOME=elsewhere)")
-        table.insert(0, ("", "found", f"preset {cfg.preset} needs"))
-        w1 = max(len(w) for w, _, _ in table)
-        w2 = max(len(g) for _, g, _ in table)
-        print(f"check: node {cfg.node_rank} ({os.uname().nodename})")
-        for what, got, needs in table:
-            print(f"  {what:<{w1}}  {got:<{w2}}  {needs}".rstrip())
+    need = disk_need(params, grpo.Config().keep, round(sum(MIX.values()) * cfg.scale), cfg.max_tokens, cfg.gpus > 0)
+    parts = ", ".join(f"{k} {v / 1e9:.0f} GB" for k, v in need.items())
+    space = lambda p: shutil.disk_usage(next(d for d in [p, *p.absolute().parents] if d.exists())).free  # noqa: E731
+    have_disk = space(run) if free is None else free
+    if have_disk < sum(need.values()):
+        errors.append(f"disk: {run} has {have_disk / 1e9:.0f} GB free; the run writes about "
+                      f"{sum(need.values()) / 1e9:.0f} GB ({parts})")
+    cache = Path(constants.HF_HUB_CACHE)
+    if space(cache) < download:
+        errors.append(f"disk: the hub cache {cache} has {space(cache) / 1e9:.0f} GB free; the models to download "
+                      f"need {download / 1e9:.0f} GB (HF_HOME=elsewhere)")
+    table += [(f"disk in {run}", f"{have_disk / 1e9:.0f} GB free", f"{sum(need.values()) / 1e9:.0f} GB: {parts}"),
+              (f"hub cache {cache}", f"{space(cache) / 1e9:.0f} GB free", f"{download / 1e9:.0f} GB to download")]
+    # 6) the table
+    w1, w2 = (max(len(row[i]) for row in table) for i in (0, 1))
+    print(f"check: node {cfg.node_rank} ({os.uname().nodename})")
+    print("\n".join(f"  {what:<{w1}}  {got:<{w2}}  {needs}".rstrip() for what, got, needs in table))
     return errors
 
 
 def cluster(cfg: Config, run: Path) -> None:
     """The preflight's part under torchrun, on every node: an all-reduce over every rank of every node (NCCL on
-    GPU, gloo on CPU), and a file that node 0 writes in RUN_DIR and every other node must read. Each node's first
-    process prints the problems of every node and writes "ok" or them to --verdict (train.sh reads it)."""
+    GPU, gloo on CPU), then a file that node 0 writes in RUN_DIR and every other node must read. Each node's first
+    process prints every node's problems and writes "ok" or them to --verdict (train.sh reads it)."""
     import time
     import uuid
 
@@ -705,20 +699,19 @@ def cluster(cfg: Config, run: Path) -> None:
 
     import grpo
 
-    # 1) every rank joins and adds 1 (the sum is the world size); then a timed all-reduce of 256 MiB (CPU: 4 MiB)
-    gcfg = grpo.Config(device="cuda" if cfg.gpus else "cpu", timeout_hours=cfg.wait_s / 3600)
-    rank, world, device = grpo.init_distributed(gcfg)
-    node = int(os.environ.get("GROUP_RANK", 0))
+    # 1) every rank joins (waiting at most --wait_s) and all-reduces 256 MiB of ones (CPU: 4 MiB): each must
+    # become the world size; the time gives the bus bandwidth
+    rank, world, device = grpo.init_distributed(grpo.Config(device="cuda" if cfg.gpus else "cpu",
+                                                            timeout_hours=cfg.wait_s / 3600))
     first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    total = grpo.all_sum(1, device)
-    problems = [] if total == world else [f"all-reduce: the ranks' ones sum to {total:.0f}, not {world}"]
-    x = torch.ones((128 if device.type == "cuda" else 1) << 20, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    cuda = device.type == "cuda"
+    x = torch.ones((128 if cuda else 1) << 20, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+    dist.barrier()  # NCCL builds its communicators here, not inside the timed call
     t0 = time.time()
     dist.all_reduce(x)
-    sync()
+    right = bool((x == world).all())  # a host sync: the all-reduce has finished
     busbw = 2 * (world - 1) / world * x.numel() * x.element_size() / max(time.time() - t0, 1e-9) / 1e9
+    problems = [] if right else [f"rank {rank}: the all-reduce of ones did not give {world} everywhere"]
     # 2) the shared RUN_DIR: node 0 writes a fresh token, every node's first process reads it back
     token = [uuid.uuid4().hex if rank == 0 else ""]
     dist.broadcast_object_list(token, src=0)
@@ -729,22 +722,20 @@ def cluster(cfg: Config, run: Path) -> None:
         probe.write_text(token[0])
     dist.barrier()
     if first and not (probe.exists() and probe.read_text() == token[0]):
-        problems.append(f"node {node}: RUN_DIR={run} does not show the file node 0 wrote there: RUN_DIR must be "
-                        "on a filesystem every node shares (NFS, Lustre, ...)")
+        problems.append(f"node {os.environ.get('GROUP_RANK', 0)}: RUN_DIR={run} does not show the file node 0 "
+                        "wrote there: RUN_DIR must be on a filesystem every node shares (NFS, Lustre, ...)")
     dist.barrier()
-    if rank == 0:  # leave nothing behind
+    if rank == 0:
         probe.unlink()
         for d in made:
             d.rmdir()
-    # 3) every node's problems on every node
+    # 3) every node's problems on every node (stdout: train.sh keeps torchrun's stderr for its log)
     everyone = [p for part in grpo.gather(problems) for p in part]
     if first:
-        nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
-        print(f"check: all-reduce over {world} ranks on {nodes} node(s) ({dist.get_backend()}): sum right, "
-              f"{busbw:.1f} GB/s bus bandwidth on {x.numel() * x.element_size() >> 20} MiB; RUN_DIR "
-              + ("shared" if not any("RUN_DIR" in p for p in everyone) else "NOT shared"))
-        for p in everyone:  # stdout: train.sh keeps torchrun's stderr for its log
-            print(f"check: {p}")
+        print(f"check: all-reduce over {world} ranks on {os.environ.get('GROUP_WORLD_SIZE', 1)} node(s) "
+              f"({dist.get_backend()}): sum {'right' if right else 'WRONG'}, {busbw:.1f} GB/s bus bandwidth on "
+              f"{x.numel() * x.element_size() >> 20} MiB; RUN_DIR {'NOT ' if any('RUN_DIR' in p for p in everyone) else ''}shared")
+        print("\n".join(f"check: {p}" for p in everyone))
         if cfg.verdict:
             Path(cfg.verdict).write_text("\n".join(everyone) or "ok")
     grpo.finish()

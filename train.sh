@@ -4,7 +4,7 @@
 #   bash train.sh tiny         CPU, tiny random model, generated data, 2 processes: the whole pipeline in minutes
 #   bash train.sh 7b           Qwen2.5-7B-Instruct on 1 node x 8 A100/H100 80GB; on 2 nodes (the paper's 16 GPUs):
 #                              NNODES=2 NODE_RANK=0|1 MASTER_ADDR=node0 bash train.sh 7b, on each node
-#   bash train.sh 14b          Qwen2.5-14B-Instruct on 2 nodes x 8 A100 80GB (NNODES=1: one node, twice the time)
+#   bash train.sh 14b          Qwen2.5-14B-Instruct on 2 nodes x 8 A100 80GB (NNODES=1: one node, not measured)
 #   bash train.sh 7b-mi300x    Qwen2.5-7B-Instruct on 1 node x 8 MI300X (ROCm)
 #   bash train.sh gpu1         one GPU smoke run: random Qwen2 of Qwen2.5-0.5B's shape built on the spot, bf16 FSDP2
 #                              over NCCL, 16K-token packing, vLLM when installed (else the HF engine); TOKENIZER=path

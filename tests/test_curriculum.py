@@ -235,11 +235,11 @@ def test_cluster_check_finds_a_run_dir_that_is_not_shared(tmp_path):
 
 def test_train_sh_check_tiny_passes_and_7b_names_what_is_missing(tmp_path):
     run = tmp_path / "runs" / "tiny"
-    r = train_sh("tiny", "check", env={"RUN_DIR": str(run)})
+    r = train_sh("tiny", "check", env={"RUN_DIR": str(run)}, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all-reduce over 2 ranks on 1 node(s) (gloo): sum right" in r.stdout and "RUN_DIR shared" in r.stdout
     assert "check: preset tiny ready on node 0" in r.stdout and not (tmp_path / "runs").exists()
-    r = train_sh("7b", "check", env={"RUN_DIR": str(tmp_path / "r7"), "MODEL": str(tmp_path / "no-model")})
+    r = train_sh("7b", "check", env={"RUN_DIR": str(tmp_path / "r7"), "MODEL": str(tmp_path / "no-model")}, timeout=300)
     err = r.stderr.splitlines()
     assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "r7").exists()
     assert err[0].startswith("check: no data for preset 7b: set RELEASED=") and "HOTPOTQA, TWOWIKI" in err[0]
@@ -249,10 +249,17 @@ def test_train_sh_check_tiny_passes_and_7b_names_what_is_missing(tmp_path):
     assert "preset 7b needs" in r.stdout and "8 x 75 GiB" in r.stdout  # the table
 
 
+def test_gpu_check_without_a_gpu_checks_nothing_and_says_so():
+    r = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 3 and r.stdout == ""  # never 0: "skipped" must not read as a pass
+    assert r.stderr.strip().splitlines() == ["gpu_check: no GPU here (torch.cuda.is_available() is False): nothing was checked"]
+
+
 def test_steps_runs_n_steps_per_stage_in_its_own_run_dir(tmp_path):
     r = train_sh("tiny", env={"STEPS": "0"})
     assert r.returncode == 2 and "STEPS must be at least 1" in r.stderr
-    r = train_sh("tiny", "check", env={"STEPS": "2", "RUN_DIR": ""})
+    r = train_sh("tiny", "check", env={"STEPS": "2", "RUN_DIR": ""}, timeout=300)
     assert r.returncode == 0 and "disk in runs/tiny-steps2" in r.stdout  # never the real run's stages
 
 
