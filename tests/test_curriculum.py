@@ -432,6 +432,34 @@ def test_released_set_trains_warmup_on_non_keychain_rows(tmp_path, tiny_tok, raw
     assert len(kc_rows) == 1 and kc_rows[0]["num_tokens"] > 2048 and kc.verify_row(kc_rows[0], None) == []
 
 
+def test_rehearsal_shares_released_rows_and_filter_items(tmp_path, tiny_tok, raw):
+    from test_keychain import released_parquet
+
+    # STEPS=N: --scale=0.5 keeps half of each released part (at least one row), drawn with the seed
+    kc_row = kc.synth(kc.Config(input=raw["hotpotqa"], n=1, max_tokens=4096, key_style="short"), tiny_tok)[0][0]
+    released_parquet(tmp_path / "train.parquet", kc_row, tiny_tok)
+    parts = cur.released_parts(cur.Config(preset="7b", released=str(tmp_path / "train.parquet"), max_tokens=2048,
+                                          scale=0.5), tiny_tok)
+    full = cur.released_parts(cur.Config(preset="7b", released=str(tmp_path / "train.parquet"), max_tokens=2048),
+                              tiny_tok)
+    assert {p: len(r) for p, r in full.items()} == {"keychain": 1, "qa": 1, "ruler": 3, "math": 2}
+    assert {p: len(r) for p, r in parts.items()} == {"keychain": 1, "qa": 1, "ruler": 2, "math": 1}
+    assert all(r in full[p] for p, rows in parts.items() for r in rows)
+    # --filter_items=2: the filter samples the first two raw items of each source, and no others
+    model = tmp_path / "filter-model"
+    rollout.tiny_model(len(tiny_tok), seed=0).save_pretrained(str(model))
+    tiny_tok.save_pretrained(str(model))
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "curriculum.py", "filter", "--preset=7b", f"--run_dir={run}", "--engine=hf",
+                        f"--hotpotqa={raw['hotpotqa']}", f"--twowiki={raw['2wiki']}", f"--musique={raw['musique']}",
+                        f"--filter_model={model}", "--filter_items=2", "--filter_group=2", "--filter_new_tokens=4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = sorted(rec["id"] for rec in kc.read_rows(run / "data" / "filter" / "counts.jsonl"))
+    first = sorted(f"{src}/{it['id']}" for src in cur.QA_SOURCES for it in kc.load_items(raw[src], source=src)[0][:2])
+    assert ids == first
+
+
 def test_grpo_fails_when_many_rows_exceed_max_prompt_tokens(tmp_path):
     rows = [{"id": f"r{i}", "source": "s", "kind": "qa", "answers": ["a"], "num_tokens": 100 + 1000 * (i < 3),
              "messages": kc.chat("q")} for i in range(10)]
