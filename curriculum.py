@@ -631,7 +631,7 @@ def check(cfg: Config, run: Path, free: int | None = None, found: list[tuple[str
     download = 0
     for role, name in (("model", cfg.model), ("filter model", cfg.filter_model)):
         if not name or name == "tiny" or (cfg.preset == "gpu1" and role == "model" and not Path(name).exists()):
-            table.append((role, name or "none", ""))
+            table.append((f"{role} {name}".strip(), "random, built by the run" if name else "none", ""))
             continue
         n, note, bad, more = model_facts(name, cfg.preflight)
         params = n if role == "model" else params

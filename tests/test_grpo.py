@@ -406,10 +406,12 @@ def test_bench_train_runs_on_cpu():
         == [989e12, 989e12, 312e12, 0.0]
 
 
-def test_gpu_check_skips_without_a_gpu():
+def test_gpu_check_without_a_gpu_checks_nothing_and_says_so():
     r = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
-    assert r.returncode == 0 and r.stdout.strip() == "gpu_check: no GPU (torch.cuda.is_available() is False): skipped"
+    assert r.returncode == 3 and r.stdout == ""  # never 0: "skipped" must not read as a pass
+    assert r.stderr.strip().splitlines() == ["gpu_check: no GPU here (torch.cuda.is_available() is False): "
+                                             "nothing was checked"]
 
 
 def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_path, monkeypatch):
