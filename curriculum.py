@@ -1,7 +1,9 @@
 """The multi-stage curriculum (LoongRL, arXiv 2510.19363: data mixture, multi-stage RL):
 warmup -> Stage I -> hard mining -> Stage II.
 
-    python curriculum.py check   --preset=7b --run_dir=runs/7b --model=Qwen/Qwen2.5-7B-Instruct --nproc=8
+    python curriculum.py check   --preset=7b --run_dir=runs/7b --model=Qwen/Qwen2.5-7B-Instruct --gpus=8
+    python curriculum.py check --preflight ...   # + tokenizer, weights, GPU memory, disk, vLLM, flash-attn, a table
+    torchrun ... curriculum.py cluster --run_dir=runs/7b --gpus=8   # all-reduce over every rank; RUN_DIR shared?
     torchrun ... curriculum.py filter --run_dir=runs/7b --filter_model=Qwen/Qwen2.5-32B-Instruct ...  # pass counts
     python curriculum.py prepare --preset=tiny --run_dir=runs/tiny          # build (or reuse) every stage's data
     python curriculum.py prepare --preset=7b --released=LoongRL-Train-Data  # the authors' rows, no synthesis
@@ -68,6 +70,7 @@ class Config:
     filter_hi: int = 6  # (paper: 1..6 of 8)
     filter_tp: int = 0  # tensor parallel for the filter model (0 = --tp)
     filter_max_prompt: int = 8192  # raw items' own contexts are short; longer ones get no count (filtered out)
+    filter_items: int = 0  # raw items per source the filter samples, the first ones (0 = all; STEPS=N rehearsals)
     # -- hard mining (paper: Stage II trains on the Stage I items not solved every time)
     mine_mode: str = "sample"  # sample: G fresh samples per item | rollouts: Stage I's own rollouts
     group: int = 8  # G samples per item (the authors: 8); an item solved G/G is dropped
@@ -82,9 +85,12 @@ class Config:
     format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
     format_lr: float = 6e-3  # high for a random 2-layer model: the format must be learned in seconds
     tiny_heads: int = 4  # attention heads of the 64-wide tiny model: 4 of 16; ENGINE=vllm: 2 of 32 (vLLM's CPU minimum)
-    # -- check
-    nproc: int = 0  # check: GPUs needed on this node (0 = CPU run)
+    # -- check: before a run (train.sh), and the preflight (bash train.sh PRESET check)
+    gpus: int = 0  # check: GPUs needed on this node (0 = CPU run)
     node_rank: int = 0  # check: nodes other than 0 need no raw files
+    preflight: bool = False  # check: also tokenizer, weights, GPU memory, disk for the whole run, vLLM, flash-attn
+    wait_s: int = 300  # cluster: how long the all-reduce waits for every rank of every node
+    verdict: str = ""  # cluster: file each node's first process writes "ok" or the problems to (train.sh reads it)
 
 
 # ----------------------------------------------------------------------------- data preparation
@@ -256,8 +262,8 @@ def synth_parts(cfg: Config, tok, raw: dict[str, str], data: Path) -> dict[str, 
 
 
 def released_parts(cfg: Config, tok) -> dict[str, list[dict]]:
-    """The authors' released rows, every one kept (unless --released_cut), split into our parts by kind:
-    warmup then trains on its non-KeyChain rows, Stage I on all of them."""
+    """The authors' released rows, every one kept (unless --released_cut; --scale below 1 keeps that share of each
+    part), split into our parts by kind: warmup then trains on its non-KeyChain rows, Stage I on all of them."""
     parts: dict[str, list[dict]] = {p: [] for p in MIX}
     seen: set = set()
     for f in released_files(cfg.released):
@@ -269,6 +275,10 @@ def released_parts(cfg: Config, tok) -> dict[str, list[dict]]:
                 r["id"] += "+"
             seen.add(r["id"])
             parts["math" if r["kind"] == "choice" else r["kind"]].append(r)
+    if cfg.scale < 1:  # a rehearsal (STEPS=N): the same share of every part, drawn with the seed
+        for p, rows in parts.items():
+            keep = max(1, round(len(rows) * cfg.scale)) if rows else 0
+            parts[p] = random.Random(f"{cfg.seed}/released/{p}").sample(rows, keep)
     return parts
 
 
@@ -449,6 +459,7 @@ def difficulty_filter(cfg: Config, run: Path) -> None:
     jobs = []
     for src in QA_SOURCES:
         items, _ = keychain.load_items(raw[src], source=src)
+        items = items[:cfg.filter_items] if cfg.filter_items else items  # a rehearsal samples a few hundred
         jobs += [{**it, "id": f"{src}/{it['id']}"} for it in items]
     render = lambda tok, it: tok.apply_chat_template(  # noqa: E731
         [{"role": "user", "content": keychain.filter_prompt(it)}], tokenize=False, add_generation_prompt=True)
@@ -519,42 +530,234 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- checks and summary
-def check(cfg: Config, run: Path) -> None:
-    """Fail fast, before any heavy work: raw files, the model, and this node's GPUs."""
-    errors = []
-    if cfg.released:  # the authors' rows replace the raw files
-        if not Path(cfg.released).exists():
-            errors.append(f"RELEASED not found: {cfg.released}")
-    elif cfg.preset not in ("tiny", "gpu1") and cfg.node_rank == 0:  # other nodes read node 0's data
-        raw = raw_paths(cfg, run)
+# ----------------------------------------------------------------------------- checks: before a run, and the preflight
+GPU_GIB = {"tiny": 0, "gpu1": 16, "7b": 75, "14b": 75, "7b-mi300x": 180}  # per GPU, what train.sh sized each for
+# parameters of the models train.sh names (their configs' shapes), for the arithmetic when a config does not load;
+# gpu1's random model (Qwen2.5-0.5B's shape) is built by the run itself
+HUB_PARAMS = {"Qwen/Qwen2.5-7B-Instruct": 7_615_616_512, "Qwen/Qwen2.5-14B-Instruct": 14_770_033_664,
+              "Qwen/Qwen2.5-32B-Instruct": 32_763_876_352, "gpu1": 494_032_768}
+GIB = 1 << 30
+
+
+def disk_need(params: int, keep: int, rows: int, max_tokens: int, gpu: bool) -> dict[str, int]:
+    """Bytes a whole run writes under RUN_DIR. A checkpoint (torch DCP, all ranks' shards) holds the fp32 master
+    weights and AdamW's two fp32 moments, 12 bytes per parameter (7B: 91 GB); each stage keeps `keep` of them and
+    they stay when it is done, plus one while the newest is written. Each stage exports hf/ (bf16 on GPU)."""
+    return {"checkpoints": (3 * keep + 1) * 12 * params, "exports": 3 * (2 if gpu else 4) * params,
+            "data": 4 * 5 * rows * max_tokens}  # ~5 bytes of JSON per token; the parts, then three stage files
+
+
+def model_facts(name: str, deep: bool) -> tuple[int, str, list[str], int]:
+    """(parameters, what was found, problems, bytes to download) of a local folder or hub id: its config, the
+    parameters counted on the meta device; deep: also its tokenizer and the weight files its index names."""
+    import torch
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hub_logging.set_verbosity_error()  # an unreachable hub: one problem line, not a warning per retry
+    try:
+        config = AutoConfig.from_pretrained(name)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if deep:
+            keychain.load_tokenizer(name)
+    except Exception as e:  # noqa: BLE001 - any failure means the run cannot start
+        n = HUB_PARAMS.get(name, 0)  # a known hub id still counts for the disk and the download
+        return n, "does not load", [f"model {name}: {str(e).strip().splitlines()[0][:200]}"], 2 * n * deep
+    found = f"{params / 1e9:.2f}B parameters" + (", tokenizer loads" if deep else "")
+    if not deep:
+        return params, found, [], 0
+    local = Path(name).is_dir()
+
+    def where(f: str) -> str | None:  # a local folder holds its weights; a hub id has them cached, or downloads them
+        if local:
+            return str(Path(name) / f) if (Path(name) / f).exists() else None
+        hit = try_to_load_from_cache(name, f)
+        return hit if isinstance(hit, str) else None
+
+    index = where("model.safetensors.index.json")
+    files = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
+    missing = [f for f in files if not where(f)]
+    if local and missing:
+        return params, found, [f"model {name}: weight file(s) missing: {', '.join(missing[:3])}"], 0
+    return params, found + (", weights to download" if missing else ", weights here"), [], 2 * params * bool(missing)
+
+
+def engine_facts(gpu: bool) -> dict[str, tuple[str, bool]]:
+    """vLLM and flash-attn: (state, usable) each. vLLM must import and sit in rollout.VLLM_RANGE; flash-attn
+    must run a tiny varlen call on this GPU (grpo.flash_attn_ok; SDPA otherwise)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    import grpo
+    import rollout
+
+    out = {}
+    for pkg in ("vllm", "flash_attn"):
+        try:
+            v = version(pkg)
+            __import__(pkg)  # a wheel built for another torch or CUDA fails here
+        except PackageNotFoundError:
+            out[pkg] = ("not installed", False)
+            continue
+        except Exception as e:  # noqa: BLE001
+            out[pkg] = (f"{v}, does not import ({type(e).__name__})", False)
+            continue
+        if pkg == "vllm":
+            ok = rollout.vllm_version_ok(v)
+            out[pkg] = (v if ok else f"{v}, outside {rollout.vllm_range_text()}", ok)
+        else:
+            ok = gpu and grpo.flash_attn_ok(torch.device("cuda", 0))
+            out[pkg] = (f"{v}, " + ("usable" if ok else "not usable here (SDPA instead)"), ok)
+    return out
+
+
+def check(cfg: Config, run: Path, free: int | None = None, found: list[tuple[str, int]] | None = None) -> list[str]:
+    """Before a run (train.sh): the data, the model(s), this node's GPUs. --preflight (bash train.sh PRESET check)
+    adds tokenizers and weight files, GPU memory, disk for the whole run and the downloads, vLLM and flash-attn,
+    and prints a table of what it found. Returns the problems, one line each. Tests pass `free` (bytes free in
+    RUN_DIR) and `found` ([(name, bytes)] per GPU) in place of this machine's."""
+    import shutil
+
+    import torch
+
+    import grpo
+
+    errors: list[str] = []
+    table = [("", "found", f"preset {cfg.preset} needs")]
+    # 1) data: the released rows or the raw files, on node 0 (the other nodes read its data)
+    raw = {} if cfg.preset in ("tiny", "gpu1") else raw_paths(cfg, run)
+    have = [k for k, p in raw.items() if k != "haystack" and p and Path(p).exists()]
+    if cfg.released and not Path(cfg.released).exists():
+        errors.append(f"RELEASED not found: {cfg.released}")
+    elif raw and not cfg.released and cfg.node_rank == 0 and not any(raw.values()):
+        errors.append(f"no data for preset {cfg.preset}: set RELEASED=path/to/LoongRL-Train-Data (the authors' "
+                      "rows) or the raw files HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA (HAYSTACK optional)")
+    elif raw and not cfg.released and cfg.node_rank == 0:
         errors += [f"raw file for {k} not found: {p or '(not set)'}" for k, p in raw.items()
-                   if k != "haystack" and not (p and Path(p).exists())]
+                   if k != "haystack" and k not in have]
         if raw["haystack"] and not Path(raw["haystack"]).exists():
             errors.append(f"HAYSTACK file not found: {raw['haystack']}")
-    if cfg.model and cfg.model != "tiny" and not (Path(cfg.model) / "config.json").exists():
-        try:  # a hub id: resolving its config is cheap and proves the name and access
-            from transformers import AutoConfig
+    table.append(("data", cfg.released or (f"{len(have)} of 5 raw files" if raw else "generated by the run"),
+                  "RELEASED or the 5 raw files" if raw else ""))
+    # 2) the policy and the filter model (gpu1's random model is built by the run)
+    params = HUB_PARAMS["gpu1"] if cfg.preset == "gpu1" else 0
+    download = 0
+    for role, name in (("model", cfg.model), ("filter model", cfg.filter_model)):
+        if not name or name == "tiny" or (cfg.preset == "gpu1" and role == "model" and not Path(name).exists()):
+            table.append((f"{role} {name}".strip(), "random, built by the run" if name else "none", ""))
+            continue
+        n, note, bad, more = model_facts(name, cfg.preflight)
+        params = n if role == "model" else params
+        download += more
+        errors += bad
+        table.append((f"{role} {name}", note, ""))
+    # 3) this node's GPUs: how many, how much memory
+    gpus = found
+    if gpus is None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpus = [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory) for i in range(count)]
+    gib = GPU_GIB[cfg.preset]
+    small = [f"{i} ({n}, {b / GIB:.0f} GiB)" for i, (n, b) in enumerate(gpus[:cfg.gpus]) if b < gib * GIB]
+    if len(gpus) < cfg.gpus:
+        errors.append(f"this node has {len(gpus)} GPU(s); preset {cfg.preset} needs {cfg.gpus}")
+    if cfg.preflight and small:
+        errors.append(f"GPU {small[0]} has less than the {gib} GiB preset {cfg.preset} was sized for"
+                      + (f" (and {len(small) - 1} more)" if len(small) > 1 else ""))
+    table.append(("GPUs on this node", f"{len(gpus)} x {gpus[0][0]}, {gpus[0][1] / GIB:.0f} GiB" if gpus else "none",
+                  f"{cfg.gpus} x {gib} GiB" if cfg.gpus else ""))
+    # 4) vLLM (every GPU preset but gpu1 generates with it), flash-attn (optional)
+    needs_vllm = cfg.gpus > 0 and cfg.preset != "gpu1"
+    if cfg.preflight:
+        engines = engine_facts(bool(gpus))
+    else:  # before a run, installed is enough: rollout.py checks the version as it starts the engine
+        engines = {"vllm": ("installed", True) if grpo._has("vllm") else ("not installed", False)}
+    state, usable = engines["vllm"]
+    if needs_vllm and not usable:
+        errors.append(f"vllm: {state} (pip install -r requirements-gpu.txt): GPU presets generate with it")
+    table += [(pkg, state, "required" if pkg == "vllm" and needs_vllm else "") for pkg, (state, _) in engines.items()]
+    if not cfg.preflight:
+        return errors
+    # 5) disk: everything the run writes in RUN_DIR (may not exist yet), and the downloads in the hub cache
+    from huggingface_hub import constants
 
-            AutoConfig.from_pretrained(cfg.model)
-        except Exception as e:  # noqa: BLE001 - any failure means we cannot start
-            errors.append(f"model {cfg.model!r}: not a local folder with config.json, and loading it failed: {e}")
-    if cfg.nproc:
-        import importlib.util
+    need = disk_need(params, grpo.Config().keep, round(sum(MIX.values()) * cfg.scale), cfg.max_tokens, cfg.gpus > 0)
+    parts = ", ".join(f"{k} {v / 1e9:.0f} GB" for k, v in need.items())
+    space = lambda p: shutil.disk_usage(next(d for d in [p, *p.absolute().parents] if d.exists())).free  # noqa: E731
+    have_disk = space(run) if free is None else free
+    if have_disk < sum(need.values()):
+        errors.append(f"disk: {run} has {have_disk / 1e9:.0f} GB free; the run writes about "
+                      f"{sum(need.values()) / 1e9:.0f} GB ({parts})")
+    cache = Path(constants.HF_HUB_CACHE)
+    if space(cache) < download:
+        errors.append(f"disk: the hub cache {cache} has {space(cache) / 1e9:.0f} GB free; the models to download "
+                      f"need {download / 1e9:.0f} GB (HF_HOME=elsewhere)")
+    table += [(f"disk in {run}", f"{have_disk / 1e9:.0f} GB free", f"{sum(need.values()) / 1e9:.0f} GB: {parts}"),
+              (f"hub cache {cache}", f"{space(cache) / 1e9:.0f} GB free", f"{download / 1e9:.0f} GB to download")]
+    # 6) the table
+    w1, w2 = (max(len(row[i]) for row in table) for i in (0, 1))
+    print(f"check: node {cfg.node_rank} ({os.uname().nodename})")
+    print("\n".join(f"  {what:<{w1}}  {got:<{w2}}  {needs}".rstrip() for what, got, needs in table))
+    return errors
 
-        import torch
 
-        if importlib.util.find_spec("vllm") is None and cfg.preset != "gpu1":  # gpu1 falls back to the HF engine
-            errors.append("vllm is not installed (pip install -r requirements-gpu.txt): GPU presets generate with it")
+def cluster(cfg: Config, run: Path) -> None:
+    """The preflight's part under torchrun, on every node: an all-reduce over every rank of every node (NCCL on
+    GPU, gloo on CPU), then a file that node 0 writes in RUN_DIR and every other node must read. Each node's first
+    process prints every node's problems and writes "ok" or them to --verdict (train.sh reads it)."""
+    import time
+    import uuid
 
-        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if have < cfg.nproc:
-            errors.append(f"this node has {have} GPU(s); preset {cfg.preset} needs {cfg.nproc}")
-    if errors:
-        raise SystemExit("cannot start:\n  " + "\n  ".join(errors))
-    print(f"check: preset {cfg.preset} ready")
+    import torch
+    import torch.distributed as dist
+
+    import grpo
+
+    # 1) every rank joins (waiting at most --wait_s) and all-reduces 256 MiB of ones (CPU: 4 MiB): each must
+    # become the world size; the time gives the bus bandwidth
+    rank, world, device = grpo.init_distributed(grpo.Config(device="cuda" if cfg.gpus else "cpu",
+                                                            timeout_hours=cfg.wait_s / 3600))
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    cuda = device.type == "cuda"
+    x = torch.ones((128 if cuda else 1) << 20, dtype=torch.bfloat16 if cuda else torch.float32, device=device)
+    dist.barrier()  # NCCL builds its communicators here, not inside the timed call
+    t0 = time.time()
+    dist.all_reduce(x)
+    right = bool((x == world).all())  # a host sync: the all-reduce has finished
+    busbw = 2 * (world - 1) / world * x.numel() * x.element_size() / max(time.time() - t0, 1e-9) / 1e9
+    problems = [] if right else [f"rank {rank}: the all-reduce of ones did not give {world} everywhere"]
+    # 2) the shared RUN_DIR: node 0 writes a fresh token, every node's first process reads it back
+    token = [uuid.uuid4().hex if rank == 0 else ""]
+    dist.broadcast_object_list(token, src=0)
+    probe = run / f".preflight-{token[0]}"
+    made = [d for d in [run, *run.parents] if not d.exists()]  # removed again afterwards, deepest first
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token[0])
+    dist.barrier()
+    if first and not (probe.exists() and probe.read_text() == token[0]):
+        problems.append(f"node {os.environ.get('GROUP_RANK', 0)}: RUN_DIR={run} does not show the file node 0 "
+                        "wrote there: RUN_DIR must be on a filesystem every node shares (NFS, Lustre, ...)")
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+        for d in made:
+            d.rmdir()
+    # 3) every node's problems on every node (stdout: train.sh keeps torchrun's stderr for its log)
+    everyone = [p for part in grpo.gather(problems) for p in part]
+    if first:
+        print(f"check: all-reduce over {world} ranks on {os.environ.get('GROUP_WORLD_SIZE', 1)} node(s) "
+              f"({dist.get_backend()}): sum {'right' if right else 'WRONG'}, {busbw:.1f} GB/s bus bandwidth on "
+              f"{x.numel() * x.element_size() >> 20} MiB; RUN_DIR {'NOT ' if any('RUN_DIR' in p for p in everyone) else ''}shared")
+        print("\n".join(f"check: {p}" for p in everyone))
+        if cfg.verdict:
+            Path(cfg.verdict).write_text("\n".join(everyone) or "ok")
+    grpo.finish()
 
 
+# ----------------------------------------------------------------------------- summary
 def read_log(path: Path) -> tuple[dict[int, dict], list[int]]:
     """grpo.py's log.jsonl by step (a resumed step logs twice: the last record wins) and the numbers of the lines
     skipped: a torn last line after a crash, or anything else that is not a step record."""
@@ -723,7 +926,7 @@ def summary(run: Path) -> str:
 
 
 PRESETS = ("tiny", "gpu1", "7b", "14b", "7b-mi300x")  # train.sh's presets
-COMMANDS = ("check", "filter", "prepare", "format", "mine", "summary")
+COMMANDS = ("check", "cluster", "filter", "prepare", "format", "mine", "summary")
 
 
 def validate(cfg: Config, run: Path) -> None:
@@ -733,7 +936,7 @@ def validate(cfg: Config, run: Path) -> None:
     if cfg.preset not in PRESETS:
         raise SystemExit(f"curriculum.py: unknown preset {cfg.preset!r} ({' | '.join(PRESETS)})")
     bad = [k for k in ("group", "max_new_tokens", "max_tokens", "batch", "tp", "format_steps") if getattr(cfg, k) <= 0]
-    bad += [k for k in ("scale", "format_lr") if not getattr(cfg, k) > 0] + (["nproc"] if cfg.nproc < 0 else [])
+    bad += [k for k in ("scale", "format_lr") if not getattr(cfg, k) > 0] + (["gpus"] if cfg.gpus < 0 else [])
     if bad:
         raise SystemExit(f"curriculum.py: --{bad[0]}={getattr(cfg, bad[0])} must be positive")
     if cfg.mine_mode not in ("sample", "rollouts"):
@@ -759,7 +962,16 @@ def main(argv: list[str]) -> int:
     run = Path(cfg.run_dir or f"runs/{cfg.preset}")
     validate(cfg, run)
     if cfg.command == "check":
-        check(cfg, run)
+        errors = check(cfg, run)
+        if errors and cfg.preflight:  # one line per problem; train.sh adds the cluster part and the verdict
+            sys.stdout.flush()  # the table first
+            print("\n".join(f"check: {e}" for e in errors), file=sys.stderr)
+            return 1
+        if errors:
+            raise SystemExit("cannot start:\n  " + "\n  ".join(errors))
+        print(f"check: preset {cfg.preset}: " + ("this node is ready" if cfg.preflight else "ready"))
+    elif cfg.command == "cluster":
+        cluster(cfg, run)
     elif cfg.command == "prepare":
         prepare(cfg, run)
     elif cfg.command == "filter":
@@ -771,7 +983,7 @@ def main(argv: list[str]) -> int:
     elif cfg.command == "summary":
         print(summary(run))
     else:
-        raise SystemExit(f"unknown command {cfg.command!r}: check | filter | prepare | mine | summary")
+        raise SystemExit(f"unknown command {cfg.command!r}: {' | '.join(COMMANDS)}")
     return 0
 
 

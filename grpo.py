@@ -213,8 +213,9 @@ class Policy(nn.Module):
         self.chunk = chunk  # completion positions whose logits exist at once
         self.temperature = temperature  # the rollouts' sampling temperature: log-probs of logits / T
 
-    def forward(self, input_ids, position_ids, at, targets, loss_fn: Callable | None = None):
-        h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    def forward(self, input_ids, position_ids, at, targets, attn: dict | None = None, loss_fn: Callable | None = None):
+        # attn: flash-attn's varlen arguments for a packed row (packed_inputs), passed on to every attention layer
+        h = self.lm.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **(attn or {})).last_hidden_state
         h = h.flatten(0, 1)[at]  # hidden states that predict the targets (`at`: flat positions)
         w = self.lm.lm_head.weight
         if loss_fn is not None:
@@ -232,9 +233,10 @@ class Policy(nn.Module):
         return torch.cat(lps), torch.cat(ents)
 
 
-def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets, temperature: float = 1.0) -> torch.Tensor:
+def naive_logp(lm: nn.Module, input_ids, position_ids, at, targets, attn: dict | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
     """Reference path: full logits over every position, then pick (tests and the benchmark)."""
-    logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[0].float()
+    logits = lm(input_ids=input_ids, position_ids=position_ids, use_cache=False, **(attn or {})).logits[0].float()
     return (logits / temperature).log_softmax(-1)[at].gather(-1, targets[:, None])[:, 0]
 
 
@@ -360,21 +362,29 @@ def pack(lengths: list[int], budget: int) -> list[list[int]]:
     return [sorted(idx) for _, idx in bins]
 
 
-def packed_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor, ...]:
+def packed_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, dict]:
     """One row of concatenated prompt+completion tokens; positions restart per sequence, so attention stays
-    inside each sequence (transformers derives the block-diagonal mask / varlen lengths from position_ids)."""
+    inside each sequence (SDPA: transformers builds the block-diagonal mask from position_ids). The last value
+    holds flash-attn's varlen arguments, known here without touching the GPU: given them, every attention layer
+    skips working the boundaries out of position_ids again, two host syncs per layer (transformers 5.19
+    modeling_flash_attention_utils: _is_packed_sequence, prepare_fa_kwargs_from_position_ids). SDPA ignores them."""
     ids, pos, at, tgt = [], [], [], []
-    off = 0  # where the sequence starts in the row
+    bounds = [0]  # where each sequence starts in the row, then the row's end
     for s in seqs:
         full = s["prompt"] + s["completion"]
+        off = bounds[-1]
         p = len(s["prompt"])
         ids += full
         pos += range(len(full))
         at += range(off + p - 1, off + len(full) - 1)
         tgt += s["completion"]
-        off += len(full)
+        bounds.append(off + len(full))
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return t(ids)[None], t(pos)[None], t(at), t(tgt)
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)  # flash-attn's cu_seqlens are int32
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))  # a Python int: no .item() sync per layer
+    attn = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return t(ids)[None], t(pos)[None], t(at), t(tgt), attn
 
 
 def pad_groups(lengths: list[int], budget: int) -> list[list[int]]:
@@ -389,11 +399,13 @@ def pad_groups(lengths: list[int], budget: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def padded_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor, ...]:
+def padded_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, dict]:
     """Rows [b, max_len] of prompt+completion, right-padded: without flash-attn, attention over one packed row
     costs (sum len)^2 (a dense block-diagonal mask), padded rows cost b * max_len^2 and need no mask at all: a
     causal model never looks right, so padding after a sequence cannot change it. Positions run on through
-    the padding (a restart would read as packing). `at` indexes the flattened [b * max_len] positions."""
+    the padding (a restart would read as packing). `at` indexes the flattened [b * max_len] positions; no varlen
+    arguments (the empty dict: packed_inputs' last value)."""
     width = max(len(s["prompt"]) + len(s["completion"]) for s in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
     at, tgt = [], []
@@ -404,7 +416,7 @@ def padded_inputs(seqs: list[dict], device: torch.device) -> tuple[torch.Tensor,
         at += range(i * width + p - 1, i * width + len(full) - 1)
         tgt += s["completion"]
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return ids.to(device), torch.arange(width, device=device).expand(len(seqs), width), t(at), t(tgt)
+    return ids.to(device), torch.arange(width, device=device).expand(len(seqs), width), t(at), t(tgt), {}
 
 
 DUMMY = {"prompt": [0], "completion": [0]}  # keeps a rank's forward count in step with the others
@@ -593,7 +605,7 @@ def micro_batches(seqs: list[dict], packed: bool, budget: int, device: torch.dev
     return groups + [[] for _ in range(n - len(groups))]
 
 
-def model_inputs(mb: list[dict], packed: bool, device: torch.device) -> tuple[torch.Tensor, ...]:
+def model_inputs(mb: list[dict], packed: bool, device: torch.device) -> tuple:
     return (packed_inputs if packed else padded_inputs)(mb, device)
 
 

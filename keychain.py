@@ -788,10 +788,24 @@ DAPO_WRAP = re.compile(r"^Solve the following math problem step by step\..*?\n\n
 CHOICE_RE = re.compile(r"([a-e])\s*\)\s*(.*?)\s*(?=,\s*[a-e]\s*\)|$)", re.S)
 
 
+# The authors' data_source prefixes, as their verl fork's reward dispatch reads them (verl/utils/reward_score/
+# __init__.py, _default_compute_score; the examples/data_preprocess scripts write them as prefix + the input file's
+# stem, e.g. "custom_longcontext_needle_qa_2wikimqa_qwen_filtered-num_sample_39679-max_seq_16384-distractor"), and
+# the row kind that scores each the same way. "needle" in the KeyChain prefix names the chain, not a RULER needle.
+VERL_PREFIXES = (("custom_longcontext_needle_qa_", "keychain"), ("custom_longcontextqa_", "qa"),
+                 ("custom_longcontextchoice_", "choice"), ("custom_mathqa_choice_", "choice"),
+                 ("custom_rulerniah_", "ruler"), ("custom_sentence_needle_", "ruler"), ("custom_math_", "math"))
+VERL_DATASETS = {"hotpotqa": "hotpotqa", "2wikimqa": "2wiki", "musique": "musique"}  # the authors' -> our source names
+
+
 def verl_kind(data_source: str, text: str) -> str:
-    """The released verl parquet names each row's origin in data_source; map it to our row kinds. The
-    instruction text decides first (a KeyChain row and a plain QA row may share a source name)."""
+    """The released verl parquet names each row's origin in data_source; map it to our row kinds. The authors'
+    prefixes decide by name alone; other names by the instruction text first (a KeyChain row and a plain QA row
+    may share a source name), then by words in the name."""
     ds = data_source.lower()
+    for prefix, kind in VERL_PREFIXES:
+        if ds.startswith(prefix):
+            return kind
     if "keychain" in ds or "consecutive chain of key:value" in text:
         return "keychain"
     if "mathqa" in ds or "choice" in ds:
@@ -806,9 +820,22 @@ def verl_kind(data_source: str, text: str) -> str:
     raise DataError(f"unknown data_source {data_source!r}")
 
 
-# the start key in either instruction wording: `"<key>"` (poster) or bare (the authors' code)
-START_RE = re.compile(r'starting from (?:`"(?P<q>[^"`]+)"`\.\nFind the correct question first, then answer it\.'
-                      r'|(?P<b>[0-9a-fA-F-]{8,36})\.)\s*$')
+def verl_source(data_source: str) -> str | None:
+    """Our short source name for an authors' data_source (hotpotqa, 2wiki, musique, else the name after the
+    prefix, e.g. book_20key_10k_512); None for other names."""
+    ds = data_source.lower()
+    for prefix, _ in VERL_PREFIXES:
+        if ds.startswith(prefix):
+            rest = ds[len(prefix):]
+            found = [ours for theirs, ours in VERL_DATASETS.items() if rest.startswith(theirs)]
+            return found[0] if found else rest
+    return None
+
+
+# the start key in any wording: `"<key>"` (poster), bare (the authors' code), bare + the poster's last sentence
+# (their "_1line" variant)
+START_RE = re.compile(r'starting from (?:`"(?P<q>[^"`]+)"`|(?P<b>[0-9a-fA-F-]{8,36}))\.'
+                      r'(?:\nFind the correct question first, then answer it\.)?\s*$')
 
 
 def start_key(user: str) -> str | None:
@@ -843,9 +870,11 @@ def load_rows(path: str, fmt: str = "auto", source: str = "") -> list[dict]:
                 msgs = [{"role": "system", "content": SYSTEM_PROMPT}] + msgs
             extra = rec.get("extra_info") or {}
             idx = extra.get("index", i) if isinstance(extra, dict) else i
-            name = source or {"math_dapo": "dapo"}.get(ds, ds)  # DAPO-Math-17k's data_source; one name everywhere
-            row = {"id": f"{name}-{idx}", "source": name,  # ids unique across mixed sources
-                   "kind": kind, "messages": msgs, "answers": answers}
+            short = verl_source(ds)
+            name = source or short or {"math_dapo": "dapo"}.get(ds, ds)  # DAPO-Math-17k's data_source: "dapo"
+            # ids unique across mixed sources; the authors' files number each (source, kind) file from 0
+            rid = f"{name}-{kind}-{idx}" if short and not source else f"{name}-{idx}"
+            row = {"id": rid, "source": name, "kind": kind, "messages": msgs, "answers": answers}
             if kind == "keychain":  # the released rows: the real question in extra_info, the start key in the text
                 ex = extra if isinstance(extra, dict) else {}
                 q = ex.get("question", ex.get("input_question"))

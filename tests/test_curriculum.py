@@ -10,6 +10,7 @@ import pytest
 
 import curriculum as cur
 import keychain as kc
+import rollout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,6 +162,107 @@ def test_kill_in_stage_one_then_rerun_resumes(tmp_path):
         assert [r["step"] for r in kc.read_rows(run / stage / "rollouts" / "step_000001.jsonl")][0] == 1
     summary = (run / "summary.md").read_text()
     assert "| stage1 | 42 | 4 |" in summary and "solved 0/G" in summary and (run / "stage2" / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- preflight (bash train.sh PRESET check)
+QWEN7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+              num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)  # Qwen2.5-7B-Instruct's config
+
+
+def test_disk_arithmetic_for_the_7b_run():
+    need = cur.disk_need(7_615_616_512, keep=2, rows=21024, max_tokens=16384, gpu=True)
+    # 12 bytes per parameter per checkpoint (fp32 weights + two Adam moments): 91.4 GB; 2 kept per stage, all
+    # three stages', + 1 while writing; bf16 exports of 15.2 GB per stage
+    assert need == {"checkpoints": 7 * 12 * 7_615_616_512, "exports": 3 * 2 * 7_615_616_512,
+                    "data": 20 * 21024 * 16384}
+    assert round(12 * 7_615_616_512 / 1e9, 1) == 91.4 and round(sum(need.values()) / 1e9) == 692
+    # the hub models' sizes used when their configs cannot be read are their configs' parameter counts
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import torch
+
+    with torch.device("meta"):
+        lm = Qwen2ForCausalLM(Qwen2Config(**QWEN7B))
+    assert sum(p.numel() for p in lm.parameters()) == cur.HUB_PARAMS["Qwen/Qwen2.5-7B-Instruct"]
+
+
+def test_preflight_reports_each_problem_in_one_line(tmp_path, capsys):
+    from transformers import Qwen2Config
+
+    model = tmp_path / "qwen7b-config-only"
+    Qwen2Config(**QWEN7B).save_pretrained(model)  # a config and a tokenizer, but no weight files
+    kc.make_tiny_tokenizer(model)
+    run = tmp_path / "run"
+    a100_40 = [("NVIDIA A100-SXM4-40GB", 40 * 2**30)] * 8
+    cfg = cur.Config(command="check", preflight=True, preset="7b", run_dir=str(run), model=str(model), gpus=8,
+                     released=str(tmp_path / "missing-release"))
+    errors = cur.check(cfg, run, free=100 * 10**9, found=a100_40)
+    table = capsys.readouterr().out
+    assert f"RELEASED not found: {tmp_path / 'missing-release'}" in errors
+    assert f"model {model}: weight file(s) missing: model.safetensors" in errors
+    assert "GPU 0 (NVIDIA A100-SXM4-40GB, 40 GiB) has less than the 75 GiB preset 7b was sized for (and 7 more)" in errors
+    assert (f"disk: {run} has 100 GB free; the run writes about 692 GB (checkpoints 640 GB, exports 46 GB, data 7 GB)"
+            in errors)
+    assert "7.62B parameters, tokenizer loads" in table and "8 x NVIDIA A100-SXM4-40GB, 40 GiB" in table
+    assert all("\n" not in e for e in errors) and not run.exists()  # one line each; nothing created
+    # enough of everything: those problems are gone (vLLM is not installed here: that one stays)
+    (model / "model.safetensors").write_bytes(b"")
+    kc.write_rows(tmp_path / "missing-release", [])
+    h100 = [("NVIDIA H100 80GB HBM3", 80 * 2**30)] * 8
+    errors = cur.check(cfg, run, free=700 * 10**9, found=h100[:4])
+    assert [e.split(":")[0] for e in errors] == ["this node has 4 GPU(s); preset 7b needs 8", "vllm"]
+    assert cur.check(cfg, run, free=700 * 10**9, found=h100)[0].startswith("vllm: not installed")
+    # a model that is not there, and no data at all: one line each
+    cfg = cur.Config(command="check", preflight=True, preset="7b", run_dir=str(run), model=str(tmp_path / "no-model"))
+    errors = cur.check(cfg, run, free=10**12, found=[])
+    assert errors[0].startswith("no data for preset 7b: set RELEASED=path/to/LoongRL-Train-Data")
+    assert errors[1].startswith(f"model {tmp_path / 'no-model'}: ") and len(errors) == 2
+
+
+def cluster_nodes(tmp_path, run_dirs):
+    """Two "nodes" on this machine (torchrun --nnodes=2, one process each, gloo), each with its own RUN_DIR."""
+    port = rollout._free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={n}",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", "--nproc_per_node=1",
+                               "curriculum.py", "cluster", f"--run_dir={d}", f"--verdict={tmp_path / f'verdict{n}'}",
+                               "--wait_s=120"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, d in enumerate(run_dirs)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    return outs, [(tmp_path / f"verdict{n}").read_text() for n in range(2)]
+
+
+def test_cluster_check_finds_a_run_dir_that_is_not_shared(tmp_path):
+    shared = tmp_path / "shared" / "run"
+    outs, verdicts = cluster_nodes(tmp_path, [shared, shared])
+    assert verdicts == ["ok", "ok"] and "all-reduce over 2 ranks on 2 node(s) (gloo): sum right" in outs[0]
+    assert not (tmp_path / "shared").exists()  # the probe file and the folders made for it are gone
+    outs, verdicts = cluster_nodes(tmp_path, [tmp_path / "a" / "run", tmp_path / "b" / "run"])
+    line = (f"node 1: RUN_DIR={tmp_path / 'b' / 'run'} does not show the file node 0 wrote there: RUN_DIR must be "
+            "on a filesystem every node shares (NFS, Lustre, ...)")
+    assert verdicts == [line, line]  # both nodes know
+    assert f"check: {line}" in outs[0] and "RUN_DIR NOT shared" in outs[1]
+
+
+def test_train_sh_check_tiny_passes_and_7b_names_what_is_missing(tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    r = train_sh("tiny", "check", env={"RUN_DIR": str(run)}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all-reduce over 2 ranks on 1 node(s) (gloo): sum right" in r.stdout and "RUN_DIR shared" in r.stdout
+    assert "check: preset tiny ready on node 0" in r.stdout and not (tmp_path / "runs").exists()
+    r = train_sh("7b", "check", env={"RUN_DIR": str(tmp_path / "r7"), "MODEL": str(tmp_path / "no-model")}, timeout=300)
+    err = r.stderr.splitlines()
+    assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "r7").exists()
+    assert err[0].startswith("check: no data for preset 7b: set RELEASED=") and "HOTPOTQA, TWOWIKI" in err[0]
+    assert "check: this node has 0 GPU(s); preset 7b needs 8" in err
+    assert "check: all-reduce and shared RUN_DIR not checked: this node has fewer than 8 GPUs" in err
+    assert err[-1] == "train.sh: 7b check on node 0: problems above; nothing was started"
+    assert "preset 7b needs" in r.stdout and "8 x 75 GiB" in r.stdout  # the table
+
+
+def test_steps_runs_n_steps_per_stage_in_its_own_run_dir(tmp_path):
+    r = train_sh("tiny", env={"STEPS": "0"})
+    assert r.returncode == 2 and "STEPS must be at least 1" in r.stderr
+    r = train_sh("tiny", "check", env={"STEPS": "2", "RUN_DIR": ""}, timeout=300)
+    assert r.returncode == 0 and "disk in runs/tiny-steps2" in r.stdout  # never the real run's stages
 
 
 # ----------------------------------------------------------------------------- summary
@@ -330,6 +432,34 @@ def test_released_set_trains_warmup_on_non_keychain_rows(tmp_path, tiny_tok, raw
     assert {r["kind"] for r in wu} == {"qa", "ruler", "math", "choice"}
     kc_rows = [r for r in s1 if r["kind"] == "keychain"]
     assert len(kc_rows) == 1 and kc_rows[0]["num_tokens"] > 2048 and kc.verify_row(kc_rows[0], None) == []
+
+
+def test_rehearsal_shares_released_rows_and_filter_items(tmp_path, tiny_tok, raw):
+    from test_keychain import released_parquet
+
+    # STEPS=N: --scale=0.5 keeps half of each released part (at least one row), drawn with the seed
+    kc_row = kc.synth(kc.Config(input=raw["hotpotqa"], n=1, max_tokens=4096, key_style="short"), tiny_tok)[0][0]
+    released_parquet(tmp_path / "train.parquet", kc_row, tiny_tok)
+    parts = cur.released_parts(cur.Config(preset="7b", released=str(tmp_path / "train.parquet"), max_tokens=2048,
+                                          scale=0.5), tiny_tok)
+    full = cur.released_parts(cur.Config(preset="7b", released=str(tmp_path / "train.parquet"), max_tokens=2048),
+                              tiny_tok)
+    assert {p: len(r) for p, r in full.items()} == {"keychain": 1, "qa": 1, "ruler": 3, "math": 2}
+    assert {p: len(r) for p, r in parts.items()} == {"keychain": 1, "qa": 1, "ruler": 2, "math": 1}
+    assert all(r in full[p] for p, rows in parts.items() for r in rows)
+    # --filter_items=2: the filter samples the first two raw items of each source, and no others
+    model = tmp_path / "filter-model"
+    rollout.tiny_model(len(tiny_tok), seed=0).save_pretrained(str(model))
+    tiny_tok.save_pretrained(str(model))
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "curriculum.py", "filter", "--preset=7b", f"--run_dir={run}", "--engine=hf",
+                        f"--hotpotqa={raw['hotpotqa']}", f"--twowiki={raw['2wiki']}", f"--musique={raw['musique']}",
+                        f"--filter_model={model}", "--filter_items=2", "--filter_group=2", "--filter_new_tokens=4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = sorted(rec["id"] for rec in kc.read_rows(run / "data" / "filter" / "counts.jsonl"))
+    first = sorted(f"{src}/{it['id']}" for src in cur.QA_SOURCES for it in kc.load_items(raw[src], source=src)[0][:2])
+    assert ids == first
 
 
 def test_grpo_fails_when_many_rows_exceed_max_prompt_tokens(tmp_path):

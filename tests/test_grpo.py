@@ -103,17 +103,62 @@ def test_packed_logprobs_equal_unpacked(lm):
     assert torch.allclose(packed, alone, atol=1e-5)
     # and the naive full-logits path on one unpadded sequence agrees too
     s = seqs[1]
-    ids, pos, at, tgt = grpo.packed_inputs([s], torch.device("cpu"))
-    assert torch.allclose(grpo.naive_logp(lm, ids, pos, at, tgt), pol(ids, pos, at, tgt)[0], atol=1e-5)
+    ids, pos, at, tgt, attn = grpo.packed_inputs([s], torch.device("cpu"))
+    assert torch.allclose(grpo.naive_logp(lm, ids, pos, at, tgt), pol(ids, pos, at, tgt, attn)[0], atol=1e-5)
     # SDPA mode: right-padded rows [b, max_len], in any order, give the same log-probs and entropies
     order = [2, 0, 1]
-    ids, pos, at, tgt = grpo.padded_inputs([seqs[i] for i in order], torch.device("cpu"))
+    ids, pos, at, tgt, attn = grpo.padded_inputs([seqs[i] for i in order], torch.device("cpu"))
+    assert attn == {}  # no varlen arguments for padded rows
     assert ids.shape == (3, max(len(s["prompt"]) + len(s["completion"]) for s in seqs))
     padded, padded_ent = pol(ids, pos, at, tgt)
     alone_ent = [pol(*grpo.packed_inputs([seqs[i]], torch.device("cpu")))[1] for i in order]
     assert torch.allclose(padded, torch.cat([alone.split([len(s["completion"]) for s in seqs])[i] for i in order]),
                           atol=1e-5)
     assert torch.allclose(padded_ent, torch.cat(alone_ent), atol=1e-5)
+
+
+def varlen_attention(calls):
+    """An attention function for transformers' AttentionInterface that works only from the varlen arguments:
+    causal SDPA inside each [cu[i], cu[i+1]) span. Wrong or missing boundaries give wrong log-probs."""
+    def attend(module, q, k, v, mask, dropout=0.0, scaling=None, **kw):
+        calls.append({key: kw.get(key) for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+        cu = kw["cu_seq_lens_q"].tolist()
+        groups = q.shape[1] // k.shape[1]  # grouped-query attention: each k/v head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=scaling) for a, b in zip(cu, cu[1:])], 2)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attend
+
+
+def test_packed_rows_pass_the_varlen_arguments_to_every_attention_layer(tiny_tok):
+    from transformers import AttentionInterface
+
+    calls = []
+    AttentionInterface.register("varlen_test", varlen_attention(calls))
+    lm = rollout.tiny_model(len(tiny_tok), seed=0, num_hidden_layers=3)
+    alone_pol = grpo.Policy(lm, chunk=1024)
+    seqs = seqs_for()
+    alone = torch.cat([alone_pol(*grpo.packed_inputs([s], torch.device("cpu")))[0] for s in seqs])  # SDPA
+    lm.config._attn_implementation = "varlen_test"
+    ids, pos, at, tgt, attn = grpo.packed_inputs(seqs, torch.device("cpu"))
+    lens = [len(s["prompt"]) + len(s["completion"]) for s in seqs]
+    assert attn["cu_seq_lens_q"].tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
+    assert attn["cu_seq_lens_q"].dtype == torch.int32 and attn["max_length_q"] == max(lens)
+    # through the policy's forward, with and without the fused loss: every layer gets them, and they are right
+    pol = grpo.Policy(lm, chunk=1024)
+    lp, _ = pol(ids, pos, at, tgt, attn)
+    assert len(calls) == 3 and torch.allclose(lp, alone, atol=1e-5)
+    _, lp2, _ = pol(*grpo.model_inputs(seqs, True, torch.device("cpu")), loss_fn=lambda lp, ent, sl: lp.sum())
+    assert len(calls) == 6 and torch.allclose(lp2, alone, atol=1e-5)
+    for c in calls:
+        assert c["cu_seq_lens_k"] is c["cu_seq_lens_q"] and c["max_length_q"] == c["max_length_k"] == max(lens)
+        assert isinstance(c["max_length_q"], int)  # a Python int: flash-attn needs no .item() per layer
+    # one row whose boundaries are wrong (one span): the varlen path reads them, so the log-probs change
+    bad = {**attn, "cu_seq_lens_q": torch.tensor([0, sum(lens)], dtype=torch.int32)}
+    bad["cu_seq_lens_k"] = bad["cu_seq_lens_q"]
+    assert not torch.allclose(pol(ids, pos, at, tgt, bad)[0], alone, atol=1e-3)
 
 
 def test_pad_groups_count_padded_tokens():
@@ -518,10 +563,12 @@ def test_bench_train_runs_on_cpu():
         == [989e12, 989e12, 312e12, 0.0]
 
 
-def test_gpu_check_skips_without_a_gpu():
+def test_gpu_check_without_a_gpu_checks_nothing_and_says_so():
     r = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable})
-    assert r.returncode == 0 and r.stdout.strip() == "gpu_check: no GPU (torch.cuda.is_available() is False): skipped"
+    assert r.returncode == 3 and r.stdout == ""  # never 0: "skipped" must not read as a pass
+    assert r.stderr.strip().splitlines() == ["gpu_check: no GPU here (torch.cuda.is_available() is False): "
+                                             "nothing was checked"]
 
 
 def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_path, monkeypatch):

@@ -506,6 +506,66 @@ def test_released_parquet_loads_every_row(tmp_path, raw, tiny_tok):
     assert len(cut) == 6 and stats["skip: over budget"] == 1
 
 
+# the data_source values the authors' preprocess scripts write (prefix + the input file's stem), with their kinds
+AUTHORS_NAMES = [
+    ("custom_longcontext_needle_qa_2wikimqa_qwen_filtered-num_sample_39679-max_seq_16384-distractor", "keychain", "2wiki"),
+    ("custom_longcontext_needle_qa_hotpotqa_qwen_filtered-num_sample_24287-max_seq_16384-distractor", "keychain", "hotpotqa"),
+    ("custom_longcontext_needle_qa_musique_qwen_filtered-num_sample_8517-max_seq_16384-distractor", "keychain", "musique"),
+    ("custom_longcontextqa_hotpotqa", "qa", "hotpotqa"),
+    ("custom_longcontextqa_musique", "qa", "musique"),
+    ("custom_longcontextqa_2wikimqa", "qa", "2wiki"),
+    ("custom_rulerniah_book_20key_10k_512", "ruler", "book_20key_10k_512"),
+    ("custom_sentence_needle_book_16k", "ruler", "book_16k"),
+    ("custom_mathqa_choice_train", "choice", "train"),
+]
+
+
+def test_released_rows_with_the_authors_data_source_names(tmp_path, raw, tiny_tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import reward
+
+    kc_row = kc.synth(kc.Config(input=raw["2wiki"], n=1, max_tokens=4096), tiny_tok)[0][0]
+    code = kc_row["messages"][1]["content"]  # "Please read the following text.\nPassage 1:..." + the instruction
+    assert code.startswith("Please read the following text.\nPassage 1:\n")
+    users = [code,
+             code + "\nFind the correct question first, then answer it.",  # their "_1line" wording
+             # an instruction the text check misses: the name alone decides (it contains "needle")
+             code.replace("consecutive chain of key:value pairs", "chain of pairs"),
+             "The following are given passages.\nPassage 1:\nX\nX is in Y.\n\nQuestion: Where is X?",
+             "The following are given passages.\nPassage 1:\nX\nX is in Y.\n\nQuestion: Where is X?",
+             "The following are given passages.\nPassage 1:\nX\nX is in Y.\n\nQuestion: Where is X?",
+             "Some special magic numbers are hidden ... for amber-river mentioned in the provided text?",
+             "A special sentence is hidden in the text below. ... What is the special sentence?",
+             "Question: 1+1\nChoices:(A) 2\n(B) 3"]
+    golds = [kc_row["answers"]] * 3 + [["Y"]] * 3 + [["1234567"], ["The sky is green."], ["A"]]
+    recs = [{"data_source": ds, "prompt": [{"role": "user", "content": u}],
+             "ability": "longcontext_qa" if kind == "keychain" else "long_context",
+             "reward_model": {"style": "rule", "ground_truth": g},
+             "extra_info": {"index": 0, "split": "train",
+                            **({"input_question": kc_row["question"]} if kind == "keychain" else {})}}
+            for (ds, kind, _), u, g in zip(AUTHORS_NAMES, users, golds)]
+    path, back = tmp_path / "train.parquet", tmp_path / "reversed.parquet"
+    pq.write_table(pa.Table.from_pylist(recs), path)
+    pq.write_table(pa.Table.from_pylist(recs[::-1]), back)
+    rows = kc.load_rows(str(path))
+    assert [r["kind"] for r in rows] == [kind for _, kind, _ in AUTHORS_NAMES]
+    assert [r["source"] for r in rows] == [src for _, _, src in AUTHORS_NAMES]
+    assert [(r["id"], r["kind"]) for r in kc.load_rows(str(back))] == [(r["id"], r["kind"]) for r in rows[::-1]]
+    assert rows[0]["id"] == "2wiki-keychain-0" and rows[5]["id"] == "2wiki-qa-0"  # same index, distinct ids
+    assert len({r["id"] for r in rows}) == len(rows) and not any(re.search(r"-r\d+$", r["id"]) for r in rows)
+    for r in rows[:2]:  # both wordings: the real question and the start key found
+        assert r["question"] == kc_row["question"] and r["start_key"] == kc_row["start_key"]
+    assert kc.verify_row({**rows[0], "num_tokens": 0}, None) == []
+    # scored as QA (the gold in the box), not as RULER needles
+    gold = kc_row["answers"][0]
+    texts = [f"<think> ... </think> \\boxed{{{gold}}}", "<think> ... </think> \\boxed{nobody}"]
+    assert [x for x, _ in reward.score_batch([rows[2]] * 2, texts)] == [1.0, 0.0]
+    assert kc.verl_kind("custom_longcontext_needle_qa_x", "anything") == "keychain"
+    assert kc.verl_kind("needle_sentence", "no instruction") == "ruler"  # other names: the old rules
+
+
 # ----------------------------------------------------------------------------- robustness (issue 12, point 5)
 def test_synth_writing_nothing_fails_and_says_why(raw, tiny_tok, tmp_path):
     tiny_tok.save_pretrained(str(tmp_path / "tok"))
