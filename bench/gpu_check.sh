@@ -37,7 +37,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under a time limit, say how it 
 }
 
 echo "== 1/3 GPU-marked tests"
-part tests "$T_TESTS" $PY -m pytest -q tests/test_rollout.py tests/test_grpo.py -k "vllm or gpu" -p no:cacheprovider
+part tests "$T_TESTS" $PY -m pytest -q tests/test_vllm.py tests/test_rollout.py tests/test_grpo.py -k "vllm or gpu" -p no:cacheprovider
 
 echo "== 2/3 gpu1 preset, one step per stage"
 RUN=${GPU_CHECK_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
