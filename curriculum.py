@@ -42,7 +42,7 @@ STAGES = {"warmup": ("qa", "ruler", "math"),  # no KeyChain yet
 @dataclass
 class Config:
     # -- run
-    command: str = "prepare"  # check | filter | prepare | format | mine | summary
+    command: str = "prepare"  # check | filter | prepare | format | mine | heldout | summary
     preset: str = "tiny"  # train.sh's preset: tiny and gpu1 generate their own raw data
     run_dir: str = ""  # the run directory every stage writes under (default runs/<preset>)
     tokenizer: str = ""  # the policy's tokenizer (empty: the tiny byte tokenizer)
@@ -81,8 +81,12 @@ class Config:
     gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU: no trainer beside it (filter and mining)
     enforce_eager: bool = False  # vLLM without CUDA graphs or torch.compile: faster start, slower decoding
     batch: int = 64  # prompts per generate call
+    # -- held-out before/after (tiny): greedy, the training reward, items of a world the run never trains on
+    heldout_items: int = 16  # yes/no questions (half gold yes, half no) per kind qa and keychain; MathQA: half as many
     # -- format warm-up: the tiny preset's random model, supervised, before the warmup stage
-    format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
+    format_steps: int = 100  # at most this many optimizer steps (8 sequences each, lr decayed linearly to 0)
+    format_loss: float = 0.5  # stop once the mean loss of the last 10 steps is below this: the format is mostly
+    # learned but still misspelled now and then at T=1, which leaves the RL stages something to learn (0 = never)
     format_lr: float = 6e-3  # high for a random 2-layer model: the format must be learned in seconds
     tiny_heads: int = 4  # attention heads of the 64-wide tiny model: 4 of 16; ENGINE=vllm: 2 of 32 (vLLM's CPU minimum)
     # -- check: before a run (train.sh), and the preflight (bash train.sh PRESET check)
@@ -201,6 +205,13 @@ def guessable_inputs(run: Path, raw: dict[str, str]) -> dict[str, str]:
     return kept_inputs(run, raw, keep)
 
 
+def tiny_or_given_tokenizer(cfg: Config, run: Path):
+    """--tokenizer, or the byte tokenizer built once in run/data/tiny-tokenizer (tiny: with the format's whole-word
+    tokens, keychain.make_tiny_tokenizer), which the format warm-up saves beside its model for every later stage."""
+    return keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(run / "data" / "tiny-tokenizer"),
+                                   format_tokens=cfg.preset == "tiny")
+
+
 def prepare(cfg: Config, run: Path) -> dict[str, Path]:
     """Build every part and the stage mixes under run/data, or reuse them when the manifest is unchanged."""
     # 1) the inputs exist: the released rows, or the raw files (and the filter's counts when it is on)
@@ -223,7 +234,7 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
         print(f"data: reusing {data} (same settings)")
         return stages
     # 3) the parts: released rows, or (filtered) raw items synthesized by keychain.py
-    tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(data / "tiny-tokenizer"))
+    tok = tiny_or_given_tokenizer(cfg, run)
     if cfg.released:
         parts = released_parts(cfg, tok)
     else:
@@ -284,13 +295,17 @@ def released_parts(cfg: Config, tok) -> dict[str, list[dict]]:
 
 # ----------------------------------------------------------------------------- tiny format warm-up
 def format_rows(cfg: Config, run: Path, tok) -> list[dict]:
-    """The yes/no questions of a second generated world (not the training items) as QA and KeyChain rows at half
-    the stages' length, plus MathQA multiple choice (a letter A-E)."""
+    """The yes/no questions of a second generated world (not the training items), as many with gold yes as with
+    gold no (the warm-up must not hand RL a yes/no prior), as QA and KeyChain rows at the stages' length, plus
+    MathQA multiple choice (a letter A-E)."""
     work = run / "format"
     raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 1, countries=2)
     items = [near_docs(it) for it in guessable(keychain.load_items(raw["hotpotqa"])[0])]
+    yes = [it for it in items if it["answers"][0].lower() == "yes"]
+    no = [it for it in items if it["answers"][0].lower() == "no"]
+    items = yes[:len(no)] + no[:len(yes)]
     keychain.write_rows(work / "raw" / "guessable.jsonl", items)
-    base = keychain.Config(input=str(work / "raw" / "guessable.jsonl"), format="items", max_tokens=cfg.max_tokens // 2,
+    base = keychain.Config(input=str(work / "raw" / "guessable.jsonl"), format="items", max_tokens=cfg.max_tokens,
                            key_style=cfg.key_style, seed=cfg.seed + 1)
     rows = []
     for kind in ("qa", "keychain"):
@@ -309,7 +324,7 @@ def format_warmup(cfg: Config, run: Path) -> None:
     import rollout
 
     # 1) target completions: the prefill's <think> closed at once, then the gold in a box
-    tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(run / "data" / "tiny-tokenizer"))
+    tok = tiny_or_given_tokenizer(cfg, run)
     seqs = []
     for r in format_rows(cfg, run, tok):
         prompt = tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"]
@@ -324,6 +339,7 @@ def format_warmup(cfg: Config, run: Path) -> None:
     rng = random.Random(cfg.seed)
     # linear decay to 0: the format tokens must end up near-deterministic, since the stages sample at T=1
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / cfg.format_steps)
+    losses: list[float] = []
     for step in range(1, cfg.format_steps + 1):
         batch = rng.sample(seqs, min(8, len(seqs)))
         logp, _ = policy(*grpo.padded_inputs(batch, torch.device("cpu")))  # no cross-sequence mask
@@ -332,8 +348,13 @@ def format_warmup(cfg: Config, run: Path) -> None:
         loss.backward()
         opt.step()
         sched.step()
+        losses.append(loss.item())
         if step == 1 or step % 20 == 0:
             print(f"format warm-up: step {step}/{cfg.format_steps} loss {loss.item():.3f}", flush=True)
+        if len(losses) >= 10 and sum(losses[-10:]) / 10 < cfg.format_loss:  # enough: GRPO does the rest
+            print(f"format warm-up: stopped at step {step}, mean loss of the last 10 steps "
+                  f"{sum(losses[-10:]) / 10:.3f} < {cfg.format_loss}", flush=True)
+            break
     # 3) the model for the warmup stage, written to a temporary folder and renamed
     out = run / "format" / "hf"
     tmp = out.with_name("hf.tmp")
@@ -341,6 +362,73 @@ def format_warmup(cfg: Config, run: Path) -> None:
     tok.save_pretrained(str(tmp))
     os.replace(tmp, out)
     print(f"format warm-up: {len(seqs)} easy items, model in {out}")
+
+
+# ----------------------------------------------------------------------------- held-out before/after (tiny)
+def heldout_rows(cfg: Config, run: Path, tok) -> list[dict]:
+    """Items of a third generated world (neither the training world nor the format warm-up's), of the kinds the
+    stages train on, at the stages' length L: yes/no questions as QA and KeyChain rows, as many with gold yes as
+    with gold no (a model that always says one of them scores 0.5 on them), MathQA choice, DAPO math, RULER."""
+    work = run / "heldout"
+    raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 2, countries=2)
+    items = [near_docs(it) for it in guessable(keychain.load_items(raw["hotpotqa"])[0])]
+    per = cfg.heldout_items // 2
+    yes = [it for it in items if it["answers"][0].lower() == "yes"][:per]
+    no = [it for it in items if it["answers"][0].lower() == "no"][:per]
+    keychain.write_rows(work / "raw" / "yes_no.jsonl", yes + no)
+    base = keychain.Config(input=str(work / "raw" / "yes_no.jsonl"), format="items", max_tokens=cfg.max_tokens,
+                           key_style=cfg.key_style, seed=cfg.seed + 2)
+    rows = []
+    for kind in ("qa", "keychain"):
+        rows += keychain.synth(dataclasses.replace(base, kind=kind), tok)[0]
+    for path, n in ((raw["mathqa"], per), (raw["dapo"], per // 2)):
+        rows += keychain.synth(dataclasses.replace(base, input=path, format="auto", n=n), tok)[0]
+    return rows + keychain.synth(dataclasses.replace(base, input="", kind="ruler", n=2), tok)[0]
+
+
+def heldout_scores(rows: list[dict], model: str, tok, max_new_tokens: int) -> dict:
+    """Greedy replies of `model` to the rows, scored by the training reward: the mean reward, per kind, and the
+    diagnostics of what was learned (grpo.answer_form): format rate, and on the yes/no questions how often the
+    reply says yes, says no, and is right."""
+    import grpo
+    import reward
+    import rollout
+
+    engine = rollout.make_engine(rollout.Config(engine="hf", n=1, temperature=0.0, max_new_tokens=max_new_tokens,
+                                                max_prompt_tokens=max(r.get("num_tokens", 0) for r in rows) + 64,
+                                                device="cpu"), model, tok)
+    outs = engine.generate([tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"]
+                            for r in rows], seed=0)
+    comps = [cs[0] for cs in outs]
+    scored = reward.score_batch(rows, [c.text for c in comps], finish=[c.finish_reason for c in comps])
+    recs = [{"kind": r["kind"], "reward": x, "text": c.text, **grpo.answer_form(r, c.text, c.finish_reason)}
+            for r, c, (x, _) in zip(rows, comps, scored)]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    yn = [x for x in recs if "says" in x]
+    out = {"reward": mean([x["reward"] for x in recs]), "format": mean([float(x["format"]) for x in recs]),
+           "yes_no/right": mean([x["reward"] for x in yn]),
+           "yes_no/says_yes": mean([float(x["says"] == "yes") for x in yn]),
+           "yes_no/says_no": mean([float(x["says"] == "no") for x in yn])}
+    for kind in sorted({x["kind"] for x in recs}):
+        out[f"kind/{kind}"] = mean([x["reward"] for x in recs if x["kind"] == kind])
+    out["samples"] = [x["text"] for x in recs[:4]]
+    return out
+
+
+def heldout(cfg: Config, run: Path) -> dict:
+    """The same held-out items scored greedy with the model that entered the warmup stage (--model; tiny: the
+    format warm-up's) and with the Stage II model: what the RL stages changed, on items they never saw.
+    Writes run/heldout/scores.json (summary.md shows it)."""
+    tok = tiny_or_given_tokenizer(cfg, run)
+    rows = heldout_rows(cfg, run, tok)
+    res = {"items": len(rows), "kinds": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
+           "yes_no_golds": {a: sum(r["answers"][0].lower() == a for r in rows) for a in ("yes", "no")}}
+    for name, model in (("before", cfg.model), ("after", str(run / "stage2" / "hf"))):
+        res[name] = {"model": model, **heldout_scores(rows, model, tok, cfg.max_new_tokens)}
+        print(f"held-out ({name}, {model}): " + ", ".join(f"{k} {v:.3f}" for k, v in res[name].items()
+                                                          if isinstance(v, float)), flush=True)
+    keychain.atomic_write(run / "heldout" / "scores.json", lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
+    return res
 
 
 # ----------------------------------------------------------------------------- hard mining
@@ -512,6 +600,10 @@ def mine(cfg: Config, run: Path) -> None:
             grpo.finish()
             return
     kept, report = mine_from_counts(rows, counts)
+    yn = yes_no_kept(rows, kept)
+    if yn:  # a guessing policy's prior shows here: it solves the items of the side it prefers G/G, so Stage II
+        report["yes_no_kept"] = yn  # keeps the other side, and learning to say that side looks like learning
+        print(f"yes_no_kept: gold yes {yn['yes']} of {yn['yes_of']}, gold no {yn['no']} of {yn['no_of']}")
     keychain.write_rows(out / "counts.jsonl", [{"id": i, "n": n, "k": k} for i, (n, k) in counts.items()])
     keychain.write_rows(run / "data" / "stage2.jsonl", kept)
     keychain.atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
@@ -523,10 +615,27 @@ def mine(cfg: Config, run: Path) -> None:
         grpo.finish()
 
 
+def yes_no_kept(rows: list[dict], kept: list[dict]) -> dict:
+    """Of the yes/no questions among `rows`, how many with gold yes and with gold no hard mining kept ({} if none)."""
+    gold = lambda r: str((r.get("answers") or [""])[0]).strip().lower()  # noqa: E731
+    if not any(gold(r) in ("yes", "no") for r in rows):
+        return {}
+    return {"yes": sum(gold(r) == "yes" for r in kept), "yes_of": sum(gold(r) == "yes" for r in rows),
+            "no": sum(gold(r) == "no" for r in kept), "no_of": sum(gold(r) == "no" for r in rows)}
+
+
 def report_table(report: dict) -> str:
     lines = ["| source | solved 0/G | partly | solved G/G |", "|---|---|---|---|"]
     for src, v in report.items():
-        lines.append(f"| {src} | {v['solved 0/G']} | {v['partly']} | {v['solved G/G']} |")
+        if src != "yes_no_kept":
+            lines.append(f"| {src} | {v['solved 0/G']} | {v['partly']} | {v['solved G/G']} |")
+    yn = report.get("yes_no_kept")
+    if yn:
+        share = lambda k: yn[k] / max(yn[f"{k}_of"], 1)  # noqa: E731
+        lop = abs(share("yes") - share("no")) > 0.3  # one side solved G/G far more often: the policy's prior
+        lines += ["", f"yes_no_kept: of the yes/no questions, Stage II keeps gold yes {yn['yes']} of {yn['yes_of']} "
+                  f"and gold no {yn['no']} of {yn['no_of']}"
+                  + (" (lopsided: Stage I ended with a yes/no prior, Stage II trains on the other side)" if lop else "")]
     return "\n".join(lines)
 
 
@@ -849,6 +958,70 @@ def plot_mining(counts: dict[str, tuple[int, int]], path: Path) -> None:
     plt.close(fig)
 
 
+RISE_KEYS = (("reward", "reward"), ("format", "format rate"), ("yes_no/says_yes", 'yes/no questions: says "yes"'),
+             ("yes_no/says_no", 'says "no"'), ("yes_no/right", "right"))
+
+
+def rl_rise(logs: dict[str, dict[int, dict]]) -> list[str]:
+    """Stage I and Stage II as one curve: the mean of its first 3 steps and of its last 3, for the reward and for
+    what may have made it move (grpo.answer_form: the format, a yes/no prior)."""
+    recs = [logs[s][k] for s in ("stage1", "stage2") if s in logs for k in sorted(logs[s])]
+    if len(recs) < 2:
+        return []
+    out = ["", "| Stage I+II | first 3 steps | last 3 steps | change |", "|---|---|---|---|"]
+    for key, name in RISE_KEYS:
+        first = [r[key] for r in recs[:3] if key in r]
+        last = [r[key] for r in recs[-3:] if key in r]
+        if first and last:
+            a, b = sum(first) / len(first), sum(last) / len(last)
+            out.append(f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+    rew = [r.get("reward", 0.0) for r in recs]
+    a, b = sum(rew[:3]) / len(rew[:3]), sum(rew[-3:]) / len(rew[-3:])
+    out += ["", f"Stage I+II: first 3 steps mean {a:.3f}, last 3 mean {b:.3f} ({b - a:+.3f}); per step: "
+            + " ".join(f"{x:.2f}" for x in rew)]
+    return out
+
+
+def heldout_table(path: Path, notes: list[str]) -> list[str]:
+    """curriculum.py heldout's scores: the model that entered warmup vs the Stage II model, greedy, unseen items."""
+    if not path.exists():
+        return []
+    try:
+        res = json.loads(path.read_text())
+        before, after = res["before"], res["after"]
+    except (ValueError, KeyError, TypeError):
+        notes.append(f"{path}: skipped (not a held-out score file)")
+        return []
+    keys = [k for k in before if isinstance(before[k], float) and k in after]
+    out = ["", f"Held-out before/after: {res.get('items', '?')} items never trained on "
+           f"({', '.join(f'{k} {n}' for k, n in res.get('kinds', {}).items())}; yes/no questions with gold yes "
+           f"{res.get('yes_no_golds', {}).get('yes', '?')}, gold no {res.get('yes_no_golds', {}).get('no', '?')}), "
+           "greedy, scored by the training reward:", "",
+           "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in (("before", before), ("after", after)):
+        out.append(f"| {name}: {r.get('model', '?')} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
+    return out + ["", "What the RL stages taught, measured on these items: " + learned(before, after)]
+
+
+def learned(before: dict, after: dict) -> str:
+    """One sentence from the held-out diagnostics: the format, and whether the yes/no answers beat a guess
+    (the items are about half yes, half no: one answer for all of them scores about 0.5, retrieval more)."""
+    g = lambda r, k: float(r.get(k, 0.0))  # noqa: E731
+    said = max(g(after, "yes_no/says_yes"), g(after, "yes_no/says_no"))
+    side = "yes" if g(after, "yes_no/says_yes") >= g(after, "yes_no/says_no") else "no"
+    if g(after, "yes_no/right") > 0.6:
+        yn = "above a guess: some retrieval"
+    elif said >= 0.9:
+        yn = f'"{side}" to almost every yes/no question: a yes/no prior, no retrieval'
+    else:
+        yn = "no better than a guess: no retrieval"
+    return (f"format {g(before, 'format'):.2f} -> {g(after, 'format'):.2f}; yes/no questions right "
+            f"{g(before, 'yes_no/right'):.2f} -> {g(after, 'yes_no/right'):.2f}, says yes "
+            f"{g(before, 'yes_no/says_yes'):.2f} -> {g(after, 'yes_no/says_yes'):.2f}, says no "
+            f"{g(before, 'yes_no/says_no'):.2f} -> {g(after, 'yes_no/says_no'):.2f} ({yn}); reward "
+            f"{g(before, 'reward'):.3f} -> {g(after, 'reward'):.3f}.")
+
+
 def summary(run: Path) -> str:
     """summary.md: per stage rows, steps, reward, optimizer steps and dropped groups; plots/training.png and
     plots/mining.png; the mining report and eval/results.md. Lines that cannot be read are skipped and named."""
@@ -879,6 +1052,8 @@ def summary(run: Path) -> str:
                      f"{'yes' if (run / stage / 'hf').exists() else 'no'} |")
     lines += ["", "optimizer steps: AdamW updates (0 when every group of every step had equal rewards); dropped "
               "groups: prompts whose G rewards were all equal, of all prompts drawn."]
+    lines += rl_rise(logs)
+    lines += heldout_table(run / "heldout" / "scores.json", notes)
     # 2) the mining pass counts, line by line: a torn line is named, not fatal
     counts: dict[str, tuple[int, int]] = {}
     cpath = run / "mining" / "counts.jsonl"
@@ -926,7 +1101,7 @@ def summary(run: Path) -> str:
 
 
 PRESETS = ("tiny", "gpu1", "7b", "14b", "7b-mi300x")  # train.sh's presets
-COMMANDS = ("check", "cluster", "filter", "prepare", "format", "mine", "summary")
+COMMANDS = ("check", "cluster", "filter", "prepare", "format", "mine", "heldout", "summary")
 
 
 def validate(cfg: Config, run: Path) -> None:
@@ -937,6 +1112,7 @@ def validate(cfg: Config, run: Path) -> None:
         raise SystemExit(f"curriculum.py: unknown preset {cfg.preset!r} ({' | '.join(PRESETS)})")
     bad = [k for k in ("group", "max_new_tokens", "max_tokens", "batch", "tp", "format_steps") if getattr(cfg, k) <= 0]
     bad += [k for k in ("scale", "format_lr") if not getattr(cfg, k) > 0] + (["gpus"] if cfg.gpus < 0 else [])
+    bad += ["format_loss"] if cfg.format_loss < 0 else []
     if bad:
         raise SystemExit(f"curriculum.py: --{bad[0]}={getattr(cfg, bad[0])} must be positive")
     if cfg.mine_mode not in ("sample", "rollouts"):
@@ -953,6 +1129,11 @@ def validate(cfg: Config, run: Path) -> None:
             raise SystemExit(f"curriculum.py: {run / 'stage1' / 'mining.jsonl'} does not exist (train Stage I first)")
         if cfg.mine_mode == "sample" and not cfg.model:
             raise SystemExit("curriculum.py: mine needs --model=STAGE1_CHECKPOINT")
+    if cfg.command == "heldout":
+        if not cfg.model:
+            raise SystemExit("curriculum.py: heldout needs --model=THE_MODEL_THAT_ENTERED_WARMUP (tiny: RUN/format/hf)")
+        if not (run / "stage2" / "hf" / "config.json").is_file():
+            raise SystemExit(f"curriculum.py: {run / 'stage2' / 'hf'} does not exist (train Stage II first)")
     if cfg.command == "format" and cfg.preset != "tiny":
         raise SystemExit("curriculum.py: the format warm-up is for the tiny preset's random model only")
 
@@ -980,6 +1161,8 @@ def main(argv: list[str]) -> int:
         format_warmup(cfg, run)
     elif cfg.command == "mine":
         mine(cfg, run)
+    elif cfg.command == "heldout":
+        heldout(cfg, run)
     elif cfg.command == "summary":
         print(summary(run))
     else:
