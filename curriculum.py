@@ -387,14 +387,16 @@ def heldout_rows(cfg: Config, run: Path, tok) -> list[dict]:
     raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 2, countries=2)
     items = [near_docs(it) for it in guessable(keychain.load_items(raw["hotpotqa"])[0])]
     per = cfg.heldout_items // 2
-    yes = [it for it in items if it["answers"][0].lower() == "yes"][:per]
-    no = [it for it in items if it["answers"][0].lower() == "no"][:per]
+    yes = [it for it in items if it["answers"][0].lower() == "yes"][:per + 2]  # + 2: some may not fit L
+    no = [it for it in items if it["answers"][0].lower() == "no"][:per + 2]
     keychain.write_rows(work / "raw" / "yes_no.jsonl", yes + no)
     base = keychain.Config(input=str(work / "raw" / "yes_no.jsonl"), format="items", max_tokens=cfg.max_tokens,
                            key_style=cfg.key_style, seed=cfg.seed + 2)
     rows = []
-    for kind in ("qa", "keychain"):
-        rows += keychain.synth(dataclasses.replace(base, kind=kind), tok)[0]
+    for kind in ("qa", "keychain"):  # an item that does not fit L is dropped: balance again after
+        got = keychain.synth(dataclasses.replace(base, kind=kind), tok)[0]
+        sides = [[r for r in got if r["answers"][0].lower() == a] for a in ("yes", "no")]
+        rows += [r for side in sides for r in side[:min(map(len, sides))]]
     for path, n in ((raw["mathqa"], per), (raw["dapo"], per // 2)):
         rows += keychain.synth(dataclasses.replace(base, input=path, format="auto", n=n), tok)[0]
     return rows + keychain.synth(dataclasses.replace(base, input="", kind="ruler", n=2), tok)[0]
