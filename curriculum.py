@@ -64,6 +64,7 @@ class Config:
     scale: float = 1.0  # multiplies every MIX size (tiny: 0.002)
     max_tokens: int = 16384  # L: the documents of a KeyChain / QA / RULER row (paper: 16K)
     key_style: str = "uuid"  # uuid (the released data) | short (8 hex: the tiny preset's short prompts)
+    ruler_needles: int = 20  # needles per RULER row (the authors' 20); tiny: 8, so that a row fits L=2048
     hotpotqa: str = ""  # raw files: train.sh fills them from HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA, HAYSTACK
     twowiki: str = ""  # 2WikiMultihopQA train json
     musique: str = ""  # MuSiQue-Ans train jsonl
@@ -157,7 +158,7 @@ def manifest(cfg: Config, raw: dict[str, str], run: Path | None = None) -> dict:
         files = {k: stamp(p) if p else None for k, p in raw.items()}
         if (cfg.filter_model or cfg.filter_counts) and run is not None:
             files["filter_counts"] = stamp(counts_path(cfg, run))
-    keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "seed", "released", "released_cut",
+    keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "ruler_needles", "seed", "released", "released_cut",
             "filter_model", "filter_lo", "filter_hi")
     code = Path(keychain.__file__).read_bytes() + Path(__file__).read_bytes()
     return {"settings": {k: getattr(cfg, k) for k in keys}, "mix": sizes(cfg.scale), "raw": files,
@@ -209,10 +210,14 @@ def near_docs(item: dict) -> dict:
 def guessable_inputs(run: Path, raw: dict[str, str]) -> dict[str, str]:
     """The tiny preset's stand-in for the difficulty filter (which keeps what the filter model solves 1..6 of 8):
     its QA sources keep the guessable items, so GRPO sees groups with unequal rewards in every stage, each with
-    its near documents only, so that L=4096 holds it (MuSiQue's 20 paragraphs would not fit)."""
+    its near documents only, so that L=2048 holds it (MuSiQue's 20 paragraphs would not fit). As many with gold
+    yes as with gold no: a policy that always says one of them then earns the same either way, so a rising reward
+    is not a yes/no prior tilting toward the majority side."""
     def keep(src: str, items: list[dict]) -> tuple[list[dict], str]:
-        kept = [near_docs(it) for it in guessable(items)]
-        return kept, f"tiny: {src}: kept the {len(kept)} yes/no questions of {len(items)} items"
+        found = guessable(items)
+        sides = [[it for it in found if it["answers"][0].lower() == a] for a in ("yes", "no")]
+        kept = [near_docs(it) for side in sides for it in side[:min(map(len, sides))]]
+        return kept, f"tiny: {src}: kept {len(kept)} yes/no questions of {len(items)} items, half of them yes"
 
     return kept_inputs(run, raw, keep)
 
@@ -267,7 +272,8 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
 
 def synth_parts(cfg: Config, tok, raw: dict[str, str], data: Path) -> dict[str, list[dict]]:
     """Every part of the mix synthesized from the raw files (keychain.py), one file per part."""
-    base = keychain.Config(max_tokens=cfg.max_tokens, key_style=cfg.key_style, seed=cfg.seed, haystack=raw["haystack"])
+    base = keychain.Config(max_tokens=cfg.max_tokens, key_style=cfg.key_style, seed=cfg.seed, haystack=raw["haystack"],
+                           needles=cfg.ruler_needles)
     parts: dict[str, list[dict]] = {}
     for part, per_source in sizes(cfg.scale).items():
         rows = []

@@ -54,7 +54,7 @@ case "$PRESET" in
     MODEL=${MODEL:-tiny}; NNODES=1; NPROC=${NPROC_PER_NODE:-2}; GPUS=0
     # L=2048: half the context of before, twice the RL steps in the same time; the stages' numbers are sized so that
     # GRPO shows a rising reward within about 8 minutes on 2 cores (curriculum.py's docstring says what rises)
-    DATA="--scale=0.002 --max_tokens=2048 --key_style=short --seed=$SEED"
+    DATA="--scale=0.002 --max_tokens=2048 --key_style=short --ruler_needles=8 --seed=$SEED"
     RL="--device=cpu --batch_prompts=8 --group=8 --max_new_tokens=32 --lr=2e-3 --micro_tokens=20000 --save_every=4 --engine=hf --seed=$SEED"
     STEPS_WARMUP="--steps=3"; STEPS_1="--steps=20"; STEPS_2="--steps=16"
     # hard mining at T=1 with G=8 (the authors: 0.6): at 0.6 a tiny model answers a yes/no question the same way
