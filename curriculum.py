@@ -408,23 +408,26 @@ def heldout_rows(cfg: Config, run: Path, tok) -> list[dict]:
     return rows + keychain.synth(dataclasses.replace(base, input="", kind="ruler", n=2), tok)[0]
 
 
-def heldout_scores(rows: list[dict], model: str, tok, max_new_tokens: int) -> dict:
-    """Greedy replies of `model` to the rows, scored by the training reward: the mean reward, per kind, and the
-    diagnostics of what was learned (grpo.answer_form): format rate, and on the yes/no questions how often the
-    reply says yes, says no, and is right."""
+def heldout_scores(rows: list[dict], model: str, tok, max_new_tokens: int, temperature: float = 0.0,
+                   n: int = 1) -> dict:
+    """Replies of `model` to the rows (greedy, or n samples each at `temperature`), scored by the training reward:
+    the mean reward, per kind, and the diagnostics of what was learned (grpo.answer_form): format rate, and on the
+    yes/no questions how often the reply says yes, says no, and is right."""
     import grpo
     import reward
     import rollout
 
-    engine = rollout.make_engine(rollout.Config(engine="hf", n=1, temperature=0.0, max_new_tokens=max_new_tokens,
-                                                max_prompt_tokens=max(r.get("num_tokens", 0) for r in rows) + 64,
-                                                device="cpu"), model, tok)
+    engine = rollout.make_engine(rollout.Config(engine="hf", n=n, temperature=temperature, seed=0,
+                                                max_new_tokens=max_new_tokens, device="cpu",
+                                                max_prompt_tokens=max(r.get("num_tokens", 0) for r in rows) + 64),
+                                 model, tok)
     outs = engine.generate([tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"]
                             for r in rows], seed=0)
-    comps = [cs[0] for cs in outs]
-    scored = reward.score_batch(rows, [c.text for c in comps], finish=[c.finish_reason for c in comps])
+    pairs = [(r, c) for r, cs in zip(rows, outs) for c in cs]
+    scored = reward.score_batch([r for r, _ in pairs], [c.text for _, c in pairs],
+                                finish=[c.finish_reason for _, c in pairs])
     recs = [{"kind": r["kind"], "reward": x, "text": c.text, **grpo.answer_form(r, c.text, c.finish_reason)}
-            for r, c, (x, _) in zip(rows, comps, scored)]
+            for (r, c), (x, _) in zip(pairs, scored)]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     yn = [x for x in recs if "says" in x]
     out = {"reward": mean([x["reward"] for x in recs]), "format": mean([float(x["format"]) for x in recs]),
@@ -445,8 +448,12 @@ def heldout(cfg: Config, run: Path) -> dict:
     rows = heldout_rows(cfg, run, tok)
     res = {"items": len(rows), "kinds": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
            "yes_no_golds": {a: sum(r["answers"][0].lower() == a for r in rows) for a in ("yes", "no")}}
-    for name, model in (("before", cfg.model), ("after", str(run / "stage2" / "hf"))):
-        res[name] = {"model": model, **heldout_scores(rows, model, tok, cfg.max_new_tokens)}
+    # greedy, and 4 samples at T=1 as the stages sample: the tiny policy's greedy reply can differ from what it
+    # usually samples (e.g. "</think>" repeated to the token limit while most samples close the box)
+    runs = (("before", cfg.model, 0.0, 1), ("after", str(run / "stage2" / "hf"), 0.0, 1),
+            ("before, T=1", cfg.model, 1.0, 4), ("after, T=1", str(run / "stage2" / "hf"), 1.0, 4))
+    for name, model, temperature, n in runs:
+        res[name] = {"model": model, **heldout_scores(rows, model, tok, cfg.max_new_tokens, temperature, n)}
         print(f"held-out ({name}, {model}): " + ", ".join(f"{k} {v:.3f}" for k, v in res[name].items()
                                                           if isinstance(v, float)), flush=True)
     keychain.atomic_write(run / "heldout" / "scores.json", lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
@@ -1018,11 +1025,18 @@ def heldout_table(path: Path, notes: list[str]) -> list[str]:
     out = ["", f"Held-out before/after: {res.get('items', '?')} items never trained on "
            f"({', '.join(f'{k} {n}' for k, n in res.get('kinds', {}).items())}; yes/no questions with gold yes "
            f"{res.get('yes_no_golds', {}).get('yes', '?')}, gold no {res.get('yes_no_golds', {}).get('no', '?')}), "
-           "greedy, scored by the training reward:", "",
+           "scored by the training reward:", "",
            "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, r in (("before", before), ("after", after)):
-        out.append(f"| {name}: {r.get('model', '?')} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
-    return out + ["", "What the RL stages taught, measured on these items: " + learned(before, after)]
+    for name in ("before", "after", "before, T=1", "after, T=1"):
+        if name in res:
+            r = res[name]
+            how = "greedy" if "T=1" not in name else "4 samples each at T=1"
+            out.append(f"| {name.split(',')[0]}: {r.get('model', '?')}, {how} | "
+                       + " | ".join(f"{r.get(k, 0.0):.3f}" for k in keys) + " |")
+    out += ["", "What the RL stages taught, measured on these items, greedy: " + learned(before, after)]
+    if "before, T=1" in res and "after, T=1" in res:
+        out += ["", "and sampled at T=1 as in training: " + learned(res["before, T=1"], res["after, T=1"])]
+    return out
 
 
 def learned(before: dict, after: dict) -> str:

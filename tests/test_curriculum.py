@@ -161,7 +161,7 @@ def test_kill_in_stage_one_then_rerun_resumes(tmp_path):
         assert sum(x["optimizer_steps"] for x in log) > 0, stage
         assert [r["step"] for r in kc.read_rows(run / stage / "rollouts" / "step_000001.jsonl")][0] == 1
     summary = (run / "summary.md").read_text()
-    assert "| stage1 | 40 | 20 |" in summary and "solved 0/G" in summary and (run / "stage2" / "hf").exists()
+    assert "| stage1 | 42 | 20 |" in summary and "solved 0/G" in summary and (run / "stage2" / "hf").exists()
 
 
 
