@@ -52,8 +52,10 @@ case "$PRESET" in
     # SEED=n: another draw of the data, the model and the sampling, in runs/tiny-seed<n>
     SEED_DIR=${SEED:+-seed$SEED}; SEED=${SEED:-0}; int SEED "$SEED"
     MODEL=${MODEL:-tiny}; NNODES=1; NPROC=${NPROC_PER_NODE:-2}; GPUS=0
-    # L=2048: half the context of before, twice the RL steps in the same time; the stages' numbers are sized so that
-    # GRPO shows a rising reward within about 8 minutes on 2 cores (curriculum.py's docstring says what rises)
+    # sized so that GRPO shows the reward rising within about 8 minutes on 2 cores: L=2048 (RULER with 8 needles to
+    # fit) makes an RL step 3-8 s, so Stage I and II get 20 and 16 steps of 8 prompts x 8 samples; lr 2e-3 because
+    # a random 2-layer model must move within those steps (at 1e-4 nothing visible changed). What rises, and what
+    # a 2-layer model cannot learn here: curriculum.py's docstring; summary.md measures it per run.
     DATA="--scale=0.002 --max_tokens=2048 --key_style=short --ruler_needles=8 --seed=$SEED"
     RL="--device=cpu --batch_prompts=8 --group=8 --max_new_tokens=32 --lr=2e-3 --micro_tokens=20000 --save_every=4 --engine=hf --seed=$SEED"
     STEPS_WARMUP="--steps=3"; STEPS_1="--steps=20"; STEPS_2="--steps=16"

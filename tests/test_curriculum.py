@@ -176,9 +176,9 @@ def test_tiny_run_learns(tmp_path):
     curve = [json.loads(x) for s in ("stage1", "stage2") for x in (run / s / "log.jsonl").read_text().splitlines()]
     reward = [x["reward"] for x in curve]
     first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
-    # measured (seed 0, 2 cores): reward +0.161 (0.109 -> 0.271), format rate 0.72 -> 0.95; the margins leave room
+    # measured (seed 0, 2 cores): reward +0.109 (0.047 -> 0.156), format rate 0.73 -> 0.95; the margins leave room
     # for another CPU's rounding, which changes the samples and so the curve
-    assert last - first >= 0.08, f"Stage I+II reward {reward}: first 3 {first:.3f}, last 3 {last:.3f}"
+    assert last - first >= 0.05, f"Stage I+II reward {reward}: first 3 {first:.3f}, last 3 {last:.3f}"
     fmt = [x["format"] for x in curve]
     assert sum(fmt[-3:]) / 3 - sum(fmt[:3]) / 3 >= 0.1, f"format rate {fmt}"
     summary = (run / "summary.md").read_text()
