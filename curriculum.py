@@ -29,6 +29,13 @@ The yes/no questions are a coin flip (two countries), so a policy that learns to
 log has the numbers to tell these apart per step (format, yes_no/says_yes, yes_no/says_no, yes_no/right, kind/*),
 hard mining reports how many gold-yes and gold-no items it kept (yes_no_kept), and summary.md puts the first and
 last 3 steps of Stage I+II side by side and the held-out before/after with a sentence saying what was learned.
+What limits the rise (measured, 3 seeds): the yes/no answers become one-sided (the policy says "no", or "yes", to
+nearly every question: GRPO's updates on a choice the model cannot tie to its context drift to one side), which
+earns no more than about 0.5 on them; hard mining then keeps more items of the side the policy does not say, so
+Stage II starts lower than Stage I ended; 8 prompts a step make the per-step reward noisy (+-0.1); and a seed
+whose warm-up stopped before "yes"/"no" were spelled reliably (seed 2) learns the format but few answers.
+The greedy reply of the Stage II model can loop on "</think>" while its samples at T=1 close the box, so the
+held-out table shows both.
 """
 from __future__ import annotations
 
