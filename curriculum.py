@@ -1050,12 +1050,12 @@ def learned(before: dict, after: dict) -> str:
     """One sentence from the held-out diagnostics: the format, and whether the yes/no answers beat a guess
     (the items are about half yes, half no: one answer for all of them scores about 0.5, retrieval more)."""
     g = lambda r, k: float(r.get(k, 0.0))  # noqa: E731
-    said = max(g(after, "yes_no/says_yes"), g(after, "yes_no/says_no"))
+    said = g(after, "yes_no/says_yes") + g(after, "yes_no/says_no")  # the rest: a letter, junk, no box
     side = "yes" if g(after, "yes_no/says_yes") >= g(after, "yes_no/says_no") else "no"
     if g(after, "yes_no/right") > 0.6:
         yn = "above a guess: some retrieval"
-    elif said >= 0.9:
-        yn = f'"{side}" to almost every yes/no question: a yes/no prior, no retrieval'
+    elif said and max(g(after, "yes_no/says_yes"), g(after, "yes_no/says_no")) / said >= 0.9:
+        yn = f'where it says yes or no, nearly always "{side}": a yes/no prior, no retrieval'
     else:
         yn = "no better than a guess: no retrieval"
     return (f"format {g(before, 'format'):.2f} -> {g(after, 'format'):.2f}; yes/no questions right "
