@@ -29,11 +29,13 @@ The yes/no questions are a coin flip (two countries), so a policy that learns to
 log has the numbers to tell these apart per step (format, yes_no/says_yes, yes_no/says_no, yes_no/right, kind/*),
 hard mining reports how many gold-yes and gold-no items it kept (yes_no_kept), and summary.md puts the first and
 last 3 steps of Stage I+II side by side and the held-out before/after with a sentence saying what was learned.
-What limits the rise (measured, 3 seeds): the yes/no answers become one-sided (the policy says "no", or "yes", to
-nearly every question: GRPO's updates on a choice the model cannot tie to its context drift to one side), which
-earns no more than about 0.5 on them; hard mining then keeps more items of the side the policy does not say, so
-Stage II starts lower than Stage I ended; 8 prompts a step make the per-step reward noisy (+-0.1); and a seed
-whose warm-up stopped before "yes"/"no" were spelled reliably (seed 2) learns the format but few answers.
+Measured (SEED=0,1,2; last 3 minus first 3 steps of Stage I+II): +0.156, +0.286, +0.229 with --format_loss=0.4
+(at 0.5: +0.109, +0.115, +0.047). What limits the rise: the yes/no answers become one-sided (the policy says "no",
+or "yes", to nearly every question: GRPO's updates on a choice the model cannot tie to its context drift to one
+side), which earns no more than about 0.5 on them; hard mining then keeps more items of the side the policy does
+not say, so Stage II starts lower than Stage I ended; 8 prompts a step make the per-step reward noisy (+-0.1); and
+the policy can collapse for a while (seed 2's Stage II: 13 steps at reward 0, "</think>" repeated to the token
+limit, before it recovered in its last 3 steps), so a seed's number is one draw, not a guarantee.
 The greedy reply of the Stage II model can loop on "</think>" while its samples at T=1 close the box, so the
 held-out table shows both.
 """
@@ -105,7 +107,7 @@ class Config:
     heldout_items: int = 16  # yes/no questions (half gold yes, half no) per kind qa and keychain; MathQA: half as many
     # -- format warm-up: the tiny preset's random model, supervised, before the warmup stage
     format_steps: int = 100  # at most this many optimizer steps (8 sequences each, lr decayed linearly to 0)
-    format_loss: float = 0.5  # stop once the mean loss of the last 10 steps is below this: the format is mostly
+    format_loss: float = 0.4  # stop once the mean loss of the last 10 steps is below this: the format is mostly
     # learned but still misspelled now and then at T=1, which leaves the RL stages something to learn (0 = never)
     format_lr: float = 6e-3  # high for a random 2-layer model: the format must be learned in seconds
     tiny_heads: int = 4  # attention heads of the 64-wide tiny model: 4 of 16; ENGINE=vllm: 2 of 32 (vLLM's CPU minimum)
@@ -431,7 +433,8 @@ def heldout_scores(rows: list[dict], model: str, tok, max_new_tokens: int, tempe
     outs = engine.generate([tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"]
                             for r in rows], seed=0)
     pairs = [(r, c) for r, cs in zip(rows, outs) for c in cs]
-    scored = reward.score_batch([r for r, _ in pairs], [c.text for _, c in pairs],
+    # inline (workers=1): a few math rows, and no process pool whose forkserver would outlive this command
+    scored = reward.score_batch([r for r, _ in pairs], [c.text for _, c in pairs], workers=1,
                                 finish=[c.finish_reason for _, c in pairs])
     recs = [{"kind": r["kind"], "reward": x, "text": c.text, **grpo.answer_form(r, c.text, c.finish_reason)}
             for (r, c), (x, _) in zip(pairs, scored)]

@@ -171,14 +171,18 @@ def test_tiny_run_learns(tmp_path):
     run = tmp_path / "tiny"
     env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(run), "SEED": "0", "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    r = subprocess.run(["bash", "train.sh", "tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    # output to a file, not a pipe: a process-pool forkserver of the reward (started by a trainer rank) can outlive
+    # the run holding the pipe open, and reading it would wait for that process
+    with open(tmp_path / "train.log", "w") as log:
+        r = subprocess.run(["bash", "train.sh", "tiny"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           timeout=900)
+    assert r.returncode == 0, (tmp_path / "train.log").read_text()[-3000:]
     curve = [json.loads(x) for s in ("stage1", "stage2") for x in (run / s / "log.jsonl").read_text().splitlines()]
     reward = [x["reward"] for x in curve]
     first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
-    # measured (seed 0, 2 cores): reward +0.109 (0.047 -> 0.156), format rate 0.73 -> 0.95; the margins leave room
+    # measured (seed 0, 2 cores): reward +0.156 (0.036 -> 0.193), format rate 0.50 -> 0.91; the margins leave room
     # for another CPU's rounding, which changes the samples and so the curve
-    assert last - first >= 0.05, f"Stage I+II reward {reward}: first 3 {first:.3f}, last 3 {last:.3f}"
+    assert last - first >= 0.08, f"Stage I+II reward {reward}: first 3 {first:.3f}, last 3 {last:.3f}"
     fmt = [x["format"] for x in curve]
     assert sum(fmt[-3:]) / 3 - sum(fmt[:3]) / 3 >= 0.1, f"format rate {fmt}"
     summary = (run / "summary.md").read_text()
