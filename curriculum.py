@@ -8,6 +8,7 @@ warmup -> Stage I -> hard mining -> Stage II.
     python curriculum.py prepare --preset=tiny --run_dir=runs/tiny          # build (or reuse) every stage's data
     python curriculum.py prepare --preset=7b --released=LoongRL-Train-Data  # the authors' rows, no synthesis
     torchrun ... curriculum.py mine --run_dir=runs/tiny --model=runs/tiny/stage1/hf   # sample G times, drop G/G
+    python curriculum.py heldout --run_dir=runs/tiny --model=runs/tiny/format/hf   # unseen items: before vs Stage II
     python curriculum.py summary --run_dir=runs/tiny
 
 train.sh runs these around grpo.py. A run directory shows what happened:
@@ -17,6 +18,26 @@ train.sh runs these around grpo.py. A run directory shows what happened:
                               rollouts/, mining.jsonl (every item's rewards during training)
     mining/    counts.jsonl (id, n, k per Stage I item), report.json
     eval/      eval.py output (preds, scores.json, results.md);  summary.md   the whole run in one page
+    heldout/   (tiny) scores.json: the same unseen items, greedy, with the model entering warmup and Stage II's
+
+What the tiny demo can learn, and how summary.md tells. A 2-layer, 64-wide random model cannot retrieve a fact
+from 2,048 tokens in a few minutes on a CPU. What GRPO does teach it there is the answer's form: the format warm-up
+stops while the format is still shaky (--format_loss), and the RL stages raise the share of replies that close
+</think>, write one box and put in it an answer of the question's type (yes or no; a letter for multiple choice).
+The yes/no questions are a coin flip (two countries), so a policy that learns to answer them cleanly earns about
+0.5 on them whichever side it says; saying one side always earns no more than that on balanced items. grpo.py's
+log has the numbers to tell these apart per step (format, yes_no/says_yes, yes_no/says_no, yes_no/right, kind/*),
+hard mining reports how many gold-yes and gold-no items it kept (yes_no_kept), and summary.md puts the first and
+last 3 steps of Stage I+II side by side and the held-out before/after with a sentence saying what was learned.
+Measured (SEED=0,1,2; last 3 minus first 3 steps of Stage I+II): +0.156, +0.286, +0.229 with --format_loss=0.4
+(at 0.5: +0.109, +0.115, +0.047). What limits the rise: the yes/no answers become one-sided (the policy says "no",
+or "yes", to nearly every question: GRPO's updates on a choice the model cannot tie to its context drift to one
+side), which earns no more than about 0.5 on them; hard mining then keeps more items of the side the policy does
+not say, so Stage II starts lower than Stage I ended; 8 prompts a step make the per-step reward noisy (+-0.1); and
+the policy can collapse for a while (seed 2's Stage II: 13 steps at reward 0, "</think>" repeated to the token
+limit, before it recovered in its last 3 steps), so a seed's number is one draw, not a guarantee.
+The greedy reply of the Stage II model can loop on "</think>" while its samples at T=1 close the box, so the
+held-out table shows both.
 """
 from __future__ import annotations
 
@@ -42,7 +63,7 @@ STAGES = {"warmup": ("qa", "ruler", "math"),  # no KeyChain yet
 @dataclass
 class Config:
     # -- run
-    command: str = "prepare"  # check | filter | prepare | format | mine | summary
+    command: str = "prepare"  # check | filter | prepare | format | mine | heldout | summary
     preset: str = "tiny"  # train.sh's preset: tiny and gpu1 generate their own raw data
     run_dir: str = ""  # the run directory every stage writes under (default runs/<preset>)
     tokenizer: str = ""  # the policy's tokenizer (empty: the tiny byte tokenizer)
@@ -52,6 +73,7 @@ class Config:
     scale: float = 1.0  # multiplies every MIX size (tiny: 0.002)
     max_tokens: int = 16384  # L: the documents of a KeyChain / QA / RULER row (paper: 16K)
     key_style: str = "uuid"  # uuid (the released data) | short (8 hex: the tiny preset's short prompts)
+    ruler_needles: int = 20  # needles per RULER row (the authors' 20); tiny: 8, so that a row fits L=2048
     hotpotqa: str = ""  # raw files: train.sh fills them from HOTPOTQA, TWOWIKI, MUSIQUE, DAPO, MATHQA, HAYSTACK
     twowiki: str = ""  # 2WikiMultihopQA train json
     musique: str = ""  # MuSiQue-Ans train jsonl
@@ -81,8 +103,12 @@ class Config:
     gpu_memory_utilization: float = 0.9  # vLLM's share of the GPU: no trainer beside it (filter and mining)
     enforce_eager: bool = False  # vLLM without CUDA graphs or torch.compile: faster start, slower decoding
     batch: int = 64  # prompts per generate call
+    # -- held-out before/after (tiny): greedy, the training reward, items of a world the run never trains on
+    heldout_items: int = 16  # yes/no questions (half gold yes, half no) per kind qa and keychain; MathQA: half as many
     # -- format warm-up: the tiny preset's random model, supervised, before the warmup stage
-    format_steps: int = 150  # optimizer steps (8 sequences each, lr decayed linearly to 0)
+    format_steps: int = 100  # at most this many optimizer steps (8 sequences each, lr decayed linearly to 0)
+    format_loss: float = 0.4  # stop once the mean loss of the last 10 steps is below this: the format is mostly
+    # learned but still misspelled now and then at T=1, which leaves the RL stages something to learn (0 = never)
     format_lr: float = 6e-3  # high for a random 2-layer model: the format must be learned in seconds
     tiny_heads: int = 4  # attention heads of the 64-wide tiny model: 4 of 16; ENGINE=vllm: 2 of 32 (vLLM's CPU minimum)
     # -- check: before a run (train.sh), and the preflight (bash train.sh PRESET check)
@@ -141,7 +167,7 @@ def manifest(cfg: Config, raw: dict[str, str], run: Path | None = None) -> dict:
         files = {k: stamp(p) if p else None for k, p in raw.items()}
         if (cfg.filter_model or cfg.filter_counts) and run is not None:
             files["filter_counts"] = stamp(counts_path(cfg, run))
-    keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "seed", "released", "released_cut",
+    keys = ("preset", "tokenizer", "scale", "max_tokens", "key_style", "ruler_needles", "seed", "released", "released_cut",
             "filter_model", "filter_lo", "filter_hi")
     code = Path(keychain.__file__).read_bytes() + Path(__file__).read_bytes()
     return {"settings": {k: getattr(cfg, k) for k in keys}, "mix": sizes(cfg.scale), "raw": files,
@@ -193,12 +219,23 @@ def near_docs(item: dict) -> dict:
 def guessable_inputs(run: Path, raw: dict[str, str]) -> dict[str, str]:
     """The tiny preset's stand-in for the difficulty filter (which keeps what the filter model solves 1..6 of 8):
     its QA sources keep the guessable items, so GRPO sees groups with unequal rewards in every stage, each with
-    its near documents only, so that L=4096 holds it (MuSiQue's 20 paragraphs would not fit)."""
+    its near documents only, so that L=2048 holds it (MuSiQue's 20 paragraphs would not fit). As many with gold
+    yes as with gold no: a policy that always says one of them then earns the same either way, so a rising reward
+    is not a yes/no prior tilting toward the majority side."""
     def keep(src: str, items: list[dict]) -> tuple[list[dict], str]:
-        kept = [near_docs(it) for it in guessable(items)]
-        return kept, f"tiny: {src}: kept the {len(kept)} yes/no questions of {len(items)} items"
+        found = guessable(items)
+        sides = [[it for it in found if it["answers"][0].lower() == a] for a in ("yes", "no")]
+        kept = [near_docs(it) for side in sides for it in side[:min(map(len, sides))]]
+        return kept, f"tiny: {src}: kept {len(kept)} yes/no questions of {len(items)} items, half of them yes"
 
     return kept_inputs(run, raw, keep)
+
+
+def tiny_or_given_tokenizer(cfg: Config, run: Path):
+    """--tokenizer, or the byte tokenizer built once in run/data/tiny-tokenizer (tiny: with the format's whole-word
+    tokens, keychain.make_tiny_tokenizer), which the format warm-up saves beside its model for every later stage."""
+    return keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(run / "data" / "tiny-tokenizer"),
+                                   format_tokens=cfg.preset == "tiny")
 
 
 def prepare(cfg: Config, run: Path) -> dict[str, Path]:
@@ -223,7 +260,7 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
         print(f"data: reusing {data} (same settings)")
         return stages
     # 3) the parts: released rows, or (filtered) raw items synthesized by keychain.py
-    tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(data / "tiny-tokenizer"))
+    tok = tiny_or_given_tokenizer(cfg, run)
     if cfg.released:
         parts = released_parts(cfg, tok)
     else:
@@ -244,7 +281,8 @@ def prepare(cfg: Config, run: Path) -> dict[str, Path]:
 
 def synth_parts(cfg: Config, tok, raw: dict[str, str], data: Path) -> dict[str, list[dict]]:
     """Every part of the mix synthesized from the raw files (keychain.py), one file per part."""
-    base = keychain.Config(max_tokens=cfg.max_tokens, key_style=cfg.key_style, seed=cfg.seed, haystack=raw["haystack"])
+    base = keychain.Config(max_tokens=cfg.max_tokens, key_style=cfg.key_style, seed=cfg.seed, haystack=raw["haystack"],
+                           needles=cfg.ruler_needles)
     parts: dict[str, list[dict]] = {}
     for part, per_source in sizes(cfg.scale).items():
         rows = []
@@ -284,13 +322,17 @@ def released_parts(cfg: Config, tok) -> dict[str, list[dict]]:
 
 # ----------------------------------------------------------------------------- tiny format warm-up
 def format_rows(cfg: Config, run: Path, tok) -> list[dict]:
-    """The yes/no questions of a second generated world (not the training items) as QA and KeyChain rows at half
-    the stages' length, plus MathQA multiple choice (a letter A-E)."""
+    """The yes/no questions of a second generated world (not the training items), as many with gold yes as with
+    gold no (the warm-up must not hand RL a yes/no prior), as QA and KeyChain rows at the stages' length, plus
+    MathQA multiple choice (a letter A-E)."""
     work = run / "format"
     raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 1, countries=2)
     items = [near_docs(it) for it in guessable(keychain.load_items(raw["hotpotqa"])[0])]
+    yes = [it for it in items if it["answers"][0].lower() == "yes"]
+    no = [it for it in items if it["answers"][0].lower() == "no"]
+    items = yes[:len(no)] + no[:len(yes)]
     keychain.write_rows(work / "raw" / "guessable.jsonl", items)
-    base = keychain.Config(input=str(work / "raw" / "guessable.jsonl"), format="items", max_tokens=cfg.max_tokens // 2,
+    base = keychain.Config(input=str(work / "raw" / "guessable.jsonl"), format="items", max_tokens=cfg.max_tokens,
                            key_style=cfg.key_style, seed=cfg.seed + 1)
     rows = []
     for kind in ("qa", "keychain"):
@@ -302,14 +344,16 @@ def format_warmup(cfg: Config, run: Path) -> None:
     """The tiny preset only: a random model never writes `</think>\\boxed{...}`, so every reward would be 0 and
     GRPO would drop every group. A short supervised warm-up on `<think> </think>\\boxed{gold}` completions of
     easy items teaches the format; the answers it then guesses (yes/no, a letter) are right by chance, which
-    gives GRPO groups with unequal rewards from the first step. Writes run/format/hf."""
+    gives GRPO groups with unequal rewards from the first step. It stops early (--format_loss): sampled at T=1
+    the model still writes a wrong box or a letter for a yes/no question often enough that the RL stages have
+    something to improve. Writes run/format/hf."""
     import torch
 
     import grpo
     import rollout
 
     # 1) target completions: the prefill's <think> closed at once, then the gold in a box
-    tok = keychain.load_tokenizer(cfg.tokenizer, tmp_dir=str(run / "data" / "tiny-tokenizer"))
+    tok = tiny_or_given_tokenizer(cfg, run)
     seqs = []
     for r in format_rows(cfg, run, tok):
         prompt = tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"]
@@ -324,6 +368,7 @@ def format_warmup(cfg: Config, run: Path) -> None:
     rng = random.Random(cfg.seed)
     # linear decay to 0: the format tokens must end up near-deterministic, since the stages sample at T=1
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / cfg.format_steps)
+    losses: list[float] = []
     for step in range(1, cfg.format_steps + 1):
         batch = rng.sample(seqs, min(8, len(seqs)))
         logp, _ = policy(*grpo.padded_inputs(batch, torch.device("cpu")))  # no cross-sequence mask
@@ -332,8 +377,13 @@ def format_warmup(cfg: Config, run: Path) -> None:
         loss.backward()
         opt.step()
         sched.step()
+        losses.append(loss.item())
         if step == 1 or step % 20 == 0:
             print(f"format warm-up: step {step}/{cfg.format_steps} loss {loss.item():.3f}", flush=True)
+        if len(losses) >= 10 and sum(losses[-10:]) / 10 < cfg.format_loss:  # enough: GRPO does the rest
+            print(f"format warm-up: stopped at step {step}, mean loss of the last 10 steps "
+                  f"{sum(losses[-10:]) / 10:.3f} < {cfg.format_loss}", flush=True)
+            break
     # 3) the model for the warmup stage, written to a temporary folder and renamed
     out = run / "format" / "hf"
     tmp = out.with_name("hf.tmp")
@@ -341,6 +391,83 @@ def format_warmup(cfg: Config, run: Path) -> None:
     tok.save_pretrained(str(tmp))
     os.replace(tmp, out)
     print(f"format warm-up: {len(seqs)} easy items, model in {out}")
+
+
+# ----------------------------------------------------------------------------- held-out before/after (tiny)
+def heldout_rows(cfg: Config, run: Path, tok) -> list[dict]:
+    """Items of a third generated world (neither the training world nor the format warm-up's), of the kinds the
+    stages train on, at the stages' length L: yes/no questions as QA and KeyChain rows, as many with gold yes as
+    with gold no (a model that always says one of them scores 0.5 on them), MathQA choice, DAPO math, RULER."""
+    work = run / "heldout"
+    raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 2, countries=2)
+    items = [near_docs(it) for it in guessable(keychain.load_items(raw["hotpotqa"])[0])]
+    per = cfg.heldout_items // 2
+    yes = [it for it in items if it["answers"][0].lower() == "yes"][:per + 2]  # + 2: some may not fit L
+    no = [it for it in items if it["answers"][0].lower() == "no"][:per + 2]
+    keychain.write_rows(work / "raw" / "yes_no.jsonl", yes + no)
+    base = keychain.Config(input=str(work / "raw" / "yes_no.jsonl"), format="items", max_tokens=cfg.max_tokens,
+                           key_style=cfg.key_style, seed=cfg.seed + 2)
+    rows = []
+    for kind in ("qa", "keychain"):  # an item that does not fit L is dropped: balance again after
+        got = keychain.synth(dataclasses.replace(base, kind=kind), tok)[0]
+        sides = [[r for r in got if r["answers"][0].lower() == a] for a in ("yes", "no")]
+        rows += [r for side in sides for r in side[:min(map(len, sides))]]
+    for path, n in ((raw["mathqa"], per), (raw["dapo"], per // 2)):
+        rows += keychain.synth(dataclasses.replace(base, input=path, format="auto", n=n), tok)[0]
+    return rows + keychain.synth(dataclasses.replace(base, input="", kind="ruler", n=2), tok)[0]
+
+
+def heldout_scores(rows: list[dict], model: str, tok, max_new_tokens: int, temperature: float = 0.0,
+                   n: int = 1) -> dict:
+    """Replies of `model` to the rows (greedy, or n samples each at `temperature`), scored by the training reward:
+    the mean reward, per kind, and the diagnostics of what was learned (grpo.answer_form): format rate, and on the
+    yes/no questions how often the reply says yes, says no, and is right."""
+    import grpo
+    import reward
+    import rollout
+
+    engine = rollout.make_engine(rollout.Config(engine="hf", n=n, temperature=temperature, seed=0,
+                                                max_new_tokens=max_new_tokens, device="cpu",
+                                                max_prompt_tokens=max(r.get("num_tokens", 0) for r in rows) + 64),
+                                 model, tok)
+    outs = engine.generate([tok(keychain.render_prompt(tok, r["messages"]), add_special_tokens=False)["input_ids"]
+                            for r in rows], seed=0)
+    pairs = [(r, c) for r, cs in zip(rows, outs) for c in cs]
+    # inline (workers=1): a few math rows, and no process pool whose forkserver would outlive this command
+    scored = reward.score_batch([r for r, _ in pairs], [c.text for _, c in pairs], workers=1,
+                                finish=[c.finish_reason for _, c in pairs])
+    recs = [{"kind": r["kind"], "reward": x, "text": c.text, **grpo.answer_form(r, c.text, c.finish_reason)}
+            for (r, c), (x, _) in zip(pairs, scored)]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    yn = [x for x in recs if "says" in x]
+    out = {"reward": mean([x["reward"] for x in recs]), "format": mean([float(x["format"]) for x in recs]),
+           "yes_no/right": mean([x["reward"] for x in yn]),
+           "yes_no/says_yes": mean([float(x["says"] == "yes") for x in yn]),
+           "yes_no/says_no": mean([float(x["says"] == "no") for x in yn])}
+    for kind in sorted({x["kind"] for x in recs}):
+        out[f"kind/{kind}"] = mean([x["reward"] for x in recs if x["kind"] == kind])
+    out["samples"] = [x["text"] for x in recs[:4]]
+    return out
+
+
+def heldout(cfg: Config, run: Path) -> dict:
+    """The same held-out items scored greedy with the model that entered the warmup stage (--model; tiny: the
+    format warm-up's) and with the Stage II model: what the RL stages changed, on items they never saw.
+    Writes run/heldout/scores.json (summary.md shows it)."""
+    tok = tiny_or_given_tokenizer(cfg, run)
+    rows = heldout_rows(cfg, run, tok)
+    res = {"items": len(rows), "kinds": {k: sum(r["kind"] == k for r in rows) for k in sorted({r["kind"] for r in rows})},
+           "yes_no_golds": {a: sum(r["answers"][0].lower() == a for r in rows) for a in ("yes", "no")}}
+    # greedy, and 4 samples at T=1 as the stages sample: the tiny policy's greedy reply can differ from what it
+    # usually samples (e.g. "</think>" repeated to the token limit while most samples close the box)
+    runs = (("before", cfg.model, 0.0, 1), ("after", str(run / "stage2" / "hf"), 0.0, 1),
+            ("before, T=1", cfg.model, 1.0, 4), ("after, T=1", str(run / "stage2" / "hf"), 1.0, 4))
+    for name, model, temperature, n in runs:
+        res[name] = {"model": model, **heldout_scores(rows, model, tok, cfg.max_new_tokens, temperature, n)}
+        print(f"held-out ({name}, {model}): " + ", ".join(f"{k} {v:.3f}" for k, v in res[name].items()
+                                                          if isinstance(v, float)), flush=True)
+    keychain.atomic_write(run / "heldout" / "scores.json", lambda tmp: tmp.write_text(json.dumps(res, indent=1)))
+    return res
 
 
 # ----------------------------------------------------------------------------- hard mining
@@ -512,6 +639,10 @@ def mine(cfg: Config, run: Path) -> None:
             grpo.finish()
             return
     kept, report = mine_from_counts(rows, counts)
+    yn = yes_no_kept(rows, kept)
+    if yn:  # a guessing policy's prior shows here: it solves the items of the side it prefers G/G, so Stage II
+        report["yes_no_kept"] = yn  # keeps the other side, and learning to say that side looks like learning
+        print(f"yes_no_kept: gold yes {yn['yes']} of {yn['yes_of']}, gold no {yn['no']} of {yn['no_of']}")
     keychain.write_rows(out / "counts.jsonl", [{"id": i, "n": n, "k": k} for i, (n, k) in counts.items()])
     keychain.write_rows(run / "data" / "stage2.jsonl", kept)
     keychain.atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
@@ -523,10 +654,27 @@ def mine(cfg: Config, run: Path) -> None:
         grpo.finish()
 
 
+def yes_no_kept(rows: list[dict], kept: list[dict]) -> dict:
+    """Of the yes/no questions among `rows`, how many with gold yes and with gold no hard mining kept ({} if none)."""
+    gold = lambda r: str((r.get("answers") or [""])[0]).strip().lower()  # noqa: E731
+    if not any(gold(r) in ("yes", "no") for r in rows):
+        return {}
+    return {"yes": sum(gold(r) == "yes" for r in kept), "yes_of": sum(gold(r) == "yes" for r in rows),
+            "no": sum(gold(r) == "no" for r in kept), "no_of": sum(gold(r) == "no" for r in rows)}
+
+
 def report_table(report: dict) -> str:
     lines = ["| source | solved 0/G | partly | solved G/G |", "|---|---|---|---|"]
     for src, v in report.items():
-        lines.append(f"| {src} | {v['solved 0/G']} | {v['partly']} | {v['solved G/G']} |")
+        if src != "yes_no_kept":
+            lines.append(f"| {src} | {v['solved 0/G']} | {v['partly']} | {v['solved G/G']} |")
+    yn = report.get("yes_no_kept")
+    if yn:
+        share = lambda k: yn[k] / max(yn[f"{k}_of"], 1)  # noqa: E731
+        lop = abs(share("yes") - share("no")) > 0.3  # one side solved G/G far more often: the policy's prior
+        lines += ["", f"yes_no_kept: of the yes/no questions, Stage II keeps gold yes {yn['yes']} of {yn['yes_of']} "
+                  f"and gold no {yn['no']} of {yn['no_of']}"
+                  + (" (lopsided: Stage I ended with a yes/no prior, Stage II trains on the other side)" if lop else "")]
     return "\n".join(lines)
 
 
@@ -849,6 +997,77 @@ def plot_mining(counts: dict[str, tuple[int, int]], path: Path) -> None:
     plt.close(fig)
 
 
+RISE_KEYS = (("reward", "reward"), ("format", "format rate"), ("yes_no/says_yes", 'yes/no questions: says "yes"'),
+             ("yes_no/says_no", 'says "no"'), ("yes_no/right", "right"))
+
+
+def rl_rise(logs: dict[str, dict[int, dict]]) -> list[str]:
+    """Stage I and Stage II as one curve: the mean of its first 3 steps and of its last 3, for the reward and for
+    what may have made it move (grpo.answer_form: the format, a yes/no prior)."""
+    recs = [logs[s][k] for s in ("stage1", "stage2") if s in logs for k in sorted(logs[s])]
+    if len(recs) < 2:
+        return []
+    out = ["", "| Stage I+II | first 3 steps | last 3 steps | change |", "|---|---|---|---|"]
+    for key, name in RISE_KEYS:
+        first = [r[key] for r in recs[:3] if key in r]
+        last = [r[key] for r in recs[-3:] if key in r]
+        if first and last:
+            a, b = sum(first) / len(first), sum(last) / len(last)
+            out.append(f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
+    rew = [r.get("reward", 0.0) for r in recs]
+    a, b = sum(rew[:3]) / len(rew[:3]), sum(rew[-3:]) / len(rew[-3:])
+    out += ["", f"Stage I+II: first 3 steps mean {a:.3f}, last 3 mean {b:.3f} ({b - a:+.3f}); per step: "
+            + " ".join(f"{x:.2f}" for x in rew)]
+    return out
+
+
+def heldout_table(path: Path, notes: list[str]) -> list[str]:
+    """curriculum.py heldout's scores: the model that entered warmup vs the Stage II model, greedy, unseen items."""
+    if not path.exists():
+        return []
+    try:
+        res = json.loads(path.read_text())
+        before, after = res["before"], res["after"]
+    except (ValueError, KeyError, TypeError):
+        notes.append(f"{path}: skipped (not a held-out score file)")
+        return []
+    keys = [k for k in before if isinstance(before[k], float) and k in after]
+    out = ["", f"Held-out before/after: {res.get('items', '?')} items never trained on "
+           f"({', '.join(f'{k} {n}' for k, n in res.get('kinds', {}).items())}; yes/no questions with gold yes "
+           f"{res.get('yes_no_golds', {}).get('yes', '?')}, gold no {res.get('yes_no_golds', {}).get('no', '?')}), "
+           "scored by the training reward:", "",
+           "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name in ("before", "after", "before, T=1", "after, T=1"):
+        if name in res:
+            r = res[name]
+            how = "greedy" if "T=1" not in name else "4 samples each at T=1"
+            out.append(f"| {name.split(',')[0]}: {r.get('model', '?')}, {how} | "
+                       + " | ".join(f"{r.get(k, 0.0):.3f}" for k in keys) + " |")
+    out += ["", "What the RL stages taught, measured on these items, greedy: " + learned(before, after)]
+    if "before, T=1" in res and "after, T=1" in res:
+        out += ["", "and sampled at T=1 as in training: " + learned(res["before, T=1"], res["after, T=1"])]
+    return out
+
+
+def learned(before: dict, after: dict) -> str:
+    """One sentence from the held-out diagnostics: the format, and whether the yes/no answers beat a guess
+    (the items are about half yes, half no: one answer for all of them scores about 0.5, retrieval more)."""
+    g = lambda r, k: float(r.get(k, 0.0))  # noqa: E731
+    said = g(after, "yes_no/says_yes") + g(after, "yes_no/says_no")  # the rest: a letter, junk, no box
+    side = "yes" if g(after, "yes_no/says_yes") >= g(after, "yes_no/says_no") else "no"
+    if g(after, "yes_no/right") > 0.6:
+        yn = "above a guess: some retrieval"
+    elif said and max(g(after, "yes_no/says_yes"), g(after, "yes_no/says_no")) / said >= 0.9:
+        yn = f'where it says yes or no, nearly always "{side}": a yes/no prior, no retrieval'
+    else:
+        yn = "no better than a guess: no retrieval"
+    return (f"format {g(before, 'format'):.2f} -> {g(after, 'format'):.2f}; yes/no questions right "
+            f"{g(before, 'yes_no/right'):.2f} -> {g(after, 'yes_no/right'):.2f}, says yes "
+            f"{g(before, 'yes_no/says_yes'):.2f} -> {g(after, 'yes_no/says_yes'):.2f}, says no "
+            f"{g(before, 'yes_no/says_no'):.2f} -> {g(after, 'yes_no/says_no'):.2f} ({yn}); reward "
+            f"{g(before, 'reward'):.3f} -> {g(after, 'reward'):.3f}.")
+
+
 def summary(run: Path) -> str:
     """summary.md: per stage rows, steps, reward, optimizer steps and dropped groups; plots/training.png and
     plots/mining.png; the mining report and eval/results.md. Lines that cannot be read are skipped and named."""
@@ -879,6 +1098,8 @@ def summary(run: Path) -> str:
                      f"{'yes' if (run / stage / 'hf').exists() else 'no'} |")
     lines += ["", "optimizer steps: AdamW updates (0 when every group of every step had equal rewards); dropped "
               "groups: prompts whose G rewards were all equal, of all prompts drawn."]
+    lines += rl_rise(logs)
+    lines += heldout_table(run / "heldout" / "scores.json", notes)
     # 2) the mining pass counts, line by line: a torn line is named, not fatal
     counts: dict[str, tuple[int, int]] = {}
     cpath = run / "mining" / "counts.jsonl"
@@ -926,7 +1147,7 @@ def summary(run: Path) -> str:
 
 
 PRESETS = ("tiny", "gpu1", "7b", "14b", "7b-mi300x")  # train.sh's presets
-COMMANDS = ("check", "cluster", "filter", "prepare", "format", "mine", "summary")
+COMMANDS = ("check", "cluster", "filter", "prepare", "format", "mine", "heldout", "summary")
 
 
 def validate(cfg: Config, run: Path) -> None:
@@ -937,6 +1158,7 @@ def validate(cfg: Config, run: Path) -> None:
         raise SystemExit(f"curriculum.py: unknown preset {cfg.preset!r} ({' | '.join(PRESETS)})")
     bad = [k for k in ("group", "max_new_tokens", "max_tokens", "batch", "tp", "format_steps") if getattr(cfg, k) <= 0]
     bad += [k for k in ("scale", "format_lr") if not getattr(cfg, k) > 0] + (["gpus"] if cfg.gpus < 0 else [])
+    bad += ["format_loss"] if cfg.format_loss < 0 else []
     if bad:
         raise SystemExit(f"curriculum.py: --{bad[0]}={getattr(cfg, bad[0])} must be positive")
     if cfg.mine_mode not in ("sample", "rollouts"):
@@ -953,6 +1175,11 @@ def validate(cfg: Config, run: Path) -> None:
             raise SystemExit(f"curriculum.py: {run / 'stage1' / 'mining.jsonl'} does not exist (train Stage I first)")
         if cfg.mine_mode == "sample" and not cfg.model:
             raise SystemExit("curriculum.py: mine needs --model=STAGE1_CHECKPOINT")
+    if cfg.command == "heldout":
+        if not cfg.model:
+            raise SystemExit("curriculum.py: heldout needs --model=THE_MODEL_THAT_ENTERED_WARMUP (tiny: RUN/format/hf)")
+        if not (run / "stage2" / "hf" / "config.json").is_file():
+            raise SystemExit(f"curriculum.py: {run / 'stage2' / 'hf'} does not exist (train Stage II first)")
     if cfg.command == "format" and cfg.preset != "tiny":
         raise SystemExit("curriculum.py: the format warm-up is for the tiny preset's random model only")
 
@@ -980,6 +1207,8 @@ def main(argv: list[str]) -> int:
         format_warmup(cfg, run)
     elif cfg.command == "mine":
         mine(cfg, run)
+    elif cfg.command == "heldout":
+        heldout(cfg, run)
     elif cfg.command == "summary":
         print(summary(run))
     else:

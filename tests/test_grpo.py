@@ -627,3 +627,15 @@ def test_skipping_the_old_logprob_pass_keeps_loss_and_gradient(rows_file, tmp_pa
     grpo.train(cfg)  # mini_batches = ppo_epochs = 1: no old-log-prob forward, the reference's alone
     assert all("old" not in s for _, batch in scored for s in batch)
     assert [key for key, _ in scored] == ["ref"]
+
+
+@pytest.mark.parametrize("text,finish,want", [
+    (" </think>\\boxed{yes}", "stop", {"format": True, "says": "yes"}),
+    (" </think>\\boxed{No}", "stop", {"format": True, "says": "no"}),
+    (" </think>\\boxed{C}", "stop", {"format": True, "says": "other"}),  # a letter for a yes/no question
+    (" </thiink>\\boxed{yes}", "stop", {"format": False, "says": "other"}),  # no </think>: not the format
+    (" </think>\\boxed{yes", "length", {"format": False, "says": "other"}),  # cut at the token limit
+])
+def test_answer_form_tells_format_from_a_yes_no_side(text, finish, want):
+    assert grpo.answer_form({"answers": ["no"]}, text, finish) == want
+    assert grpo.answer_form({"answers": ["D"]}, text, finish) == {"format": want["format"]}  # no "says": not yes/no

@@ -632,3 +632,13 @@ def test_keychain_imports_neither_rollout_nor_reward():
     assert r.stdout.strip() == "[]", r.stderr
     src = (ROOT / "keychain.py").read_text()
     assert not re.search(r"^\s*(import|from) (rollout|reward|grpo|curriculum)\b", src, re.M)
+
+
+def test_tiny_tokenizer_format_tokens_are_whole(tmp_path):
+    plain = kc.make_tiny_tokenizer(tmp_path / "a")
+    words = kc.make_tiny_tokenizer(tmp_path / "b", format_tokens=True)
+    text = " </think>\\boxed{yes} <think>"
+    assert len(plain(text, add_special_tokens=False)["input_ids"]) == len(text.encode())  # one token per byte
+    ids = words(text, add_special_tokens=False)["input_ids"]
+    assert [words.decode([i]) for i in ids] == [" ", "</think>", "\\boxed{", "y", "e", "s", "}", " ", "<think>"]
+    assert words.decode(ids) == text and len(words) == len(plain) + 3
