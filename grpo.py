@@ -10,6 +10,17 @@ rewards (reward.py); 2) group-normalized advantages, equal-reward groups dropped
 4) clipped surrogate + k3 KL on packed sequences, log-probs only at completion positions and in chunks -> AdamW;
 5) push weights to the engine, log, checkpoint. FSDP2 (`fully_shard` per decoder layer, then the root) on plain
 torch.distributed: NCCL + bf16 + flash-attn on GPU, gloo + fp32 + SDPA on CPU.
+
+Details that matter: each prompt has its own sampling seed, so results do not depend on the world size; the
+data position is the step number, saved in checkpoints. Micro-batches fill a token budget (--micro_tokens): with
+flash-attn, sequences are packed into one row with position ids restarting per sequence (varlen attention, cost
+sum of len^2); with SDPA, sequences of similar length share right-padded rows (a packed row would need a dense
+(sum len)^2 mask). With one optimizer step per rollout batch (the paper's setting) the ratio is exactly 1, so the
+old log-probs are the detached current ones and their extra pass is skipped. Log-probs exist only at completion
+positions: FusedLogpLoss computes them --logit_chunk positions at a time and takes each chunk's gradient at once,
+so the [tokens x vocab] logits never exist. Logits are divided by the sampling temperature first. A non-finite
+loss or gradient on any rank skips that optimizer step on all ranks; rows over --max_prompt_tokens are left out,
+never cut (more than 2% of them stops the run).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KeyChain data synthesis: short multi-hop QA -> long-context RL rows (LoongRL, arXiv 2510.19363:
+r"""KeyChain data synthesis: short multi-hop QA -> long-context RL rows (LoongRL, arXiv 2510.19363:
 KeyChain; the authors' synthesis code).
 
     python keychain.py generate --out_dir=data/raw --n=200          # procedural raw QA, no downloads
@@ -40,6 +40,24 @@ documents plus random fillers from the dataset's deduplicated pool -> insert Key
 (kind=keychain: 16 chains of 4 pairs at 16K, the layout of the authors' released training files) or not
 (kind=qa) -> one chat row per item. RULER needles and math rows come out of the same `synth` command with
 kind=ruler / math / choice. `--budget=total` fits the whole prompt, chains included, inside L instead.
+
+Decisions (the authors' released rows are the default; the other variants are options):
+- Layout: documents fill L (the prompt without its pairs fits L), then --chains (1 per 1,024 tokens of L) chains
+  of --hops=4 UUID4 pairs go on top: a 16K KeyChain prompt is about 20.5K Qwen2.5 tokens. Plain QA, RULER and math
+  rows stay within L.
+- Wording: --instruction=code (the authors' code and data: no backticks, the start key bare) or poster (backticks,
+  the key in quotes, "Find the correct question first, then answer it."); `verify` reads both.
+- RULER rows: 20 needles each (the authors' book_20key_* / book_20value_* files), multi-key and multi-value
+  alternating.
+- Counting is exact: each pool document is tokenized once, pair costs calibrated once, the final prompt counted
+  once; the rare row whose estimate overshot L is rebuilt smaller.
+- Distractor questions are other items' distinct normalized questions; filler documents never come from an item
+  whose question normalizes to the same one (they would answer it from outside the chain).
+- Pairs are written {"<key>": "<value>"}. (JSON strings) after a sentence end or on a line of their own, never two
+  at one boundary; keys never repeat in an item; only the chain from the start key ends in the real question.
+- Files are written to a temporary name and renamed. Row fields: id, source, kind, messages, answers, num_tokens,
+  max_tokens; KeyChain rows add question, start_key, distractor_questions, chains, hops, budget; RULER rows add
+  mode, query, depths.
 """
 from __future__ import annotations
 

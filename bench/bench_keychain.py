@@ -1,7 +1,7 @@
 """Benchmark KeyChain synthesis at full scale: N items from a large raw file at L=16384, items per second.
 
     python keychain.py generate --out_dir=data/bench-raw --n=90000          # a 90,000-item raw HotpotQA-format file
-    python bench/bench_keychain.py --tokenizer=../shared/qwen2.5-tokenizer --raw=data/bench-raw/hotpotqa.json --n=2500
+    python bench/bench_keychain.py --tokenizer=Qwen/Qwen2.5-7B-Instruct --raw=data/bench-raw/hotpotqa.json --n=2500
 
 The time covers everything `keychain.py synth` does after reading the file: loading the items, tokenizing the
 pool once, normalizing its questions once, building and exactly counting every row. The plain pass tokenizes

@@ -1,4 +1,4 @@
-"""Reward throughput: responses scored per second (issue 3: must not bottleneck a training step).
+"""Reward throughput: responses scored per second; scoring must never bottleneck a training step.
 
     .venv/bin/python bench/bench_reward.py                 # 10,000 QA responses of ~1,500 tokens
     .venv/bin/python bench/bench_reward.py --n=2000 --math=200 --grouped=800

@@ -1,7 +1,7 @@
 """Generation throughput of the rollout engines (rollout.py) on a random Qwen2 with the full vocabulary.
 
     .venv/bin/python bench/bench_rollout.py                     # GPU, HF engine: one 16K-token prompt x G=8, 512 new
-    .venv/bin/python bench/bench_rollout.py --engine=both --tokenizer=../shared/qwen2.5-tokenizer --layers=2 \\
+    .venv/bin/python bench/bench_rollout.py --engine=both --tokenizer=Qwen/Qwen2.5-7B-Instruct --layers=2 \\
         --hidden=128 --intermediate=256 --heads=4 --kv_heads=2 --new_tokens=64 --repeats=1   # CPU: HF, then vLLM
     .venv/bin/python bench/bench_rollout.py --prompt_tokens=256 --new_tokens=32 --n=4 --hidden=128 \\
         --intermediate=256 --layers=2 --heads=4 --kv_heads=2 --vocab=4096 --repeats=1   # CPU smoke run

@@ -1,9 +1,9 @@
 """Seconds per GRPO step on the CPU: grpo.py's train() against TRL's GRPOTrainer, same model, prompts, reward.
 
-    python bench/bench_step.py --tokenizer=../shared/qwen2.5-tokenizer          # ours, and TRL when importable
-    python bench/bench_step.py --tokenizer=../shared/qwen2.5-tokenizer --trl=false --rounds=1
+    python bench/bench_step.py --tokenizer=Qwen/Qwen2.5-7B-Instruct          # ours, and TRL when importable
+    python bench/bench_step.py --tokenizer=Qwen/Qwen2.5-7B-Instruct --trl=false --rounds=1
 
-The shape of issue #15: a random Qwen2 (2 layers, hidden 128) with the tokenizer's full vocabulary (Qwen2.5:
+The shape: a random Qwen2 (2 layers, hidden 128) with the tokenizer's full vocabulary (Qwen2.5:
 151,665 tokens), 8 prompts x G=8 completions, ~200-token prompts, 64 new tokens, one optimizer step per rollout
 batch, 3 steps, fp32, KL to a reference (beta 0.001), gradient checkpointing on both sides (TRL's default).
 Each side runs in its own process (TRL's accelerate and our torch.distributed do not share one); `--rounds`
