@@ -1112,6 +1112,7 @@ def finish() -> None:
     then, so on gloo the process leaves without teardown once every rank is past the last barrier."""
     dist.barrier()
     if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+        rewards.close_pool()  # os._exit skips its exit handler: the scoring workers would outlive the run
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -1049,6 +1049,16 @@ def _get_pool(workers: int, method: str) -> ProcessPoolExecutor:
         return _pool[1]
 
 
+def close_pool() -> None:
+    """Shut the pool down. A process that leaves by os._exit skips the pool's own exit handler, and its forkserver
+    and workers would outlive it, holding the caller's stdout open."""
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool[1].shutdown(cancel_futures=True)
+            _pool = None
+
+
 def _score_chunk(rows: list[dict], responses: list[str], cfg: Config,
                  finish: list[str | None]) -> list[tuple[float, dict]]:
     return [score(r, t, cfg, f) for r, t, f in zip(rows, responses, finish)]

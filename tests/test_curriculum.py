@@ -149,7 +149,7 @@ def test_kill_in_stage_one_then_rerun_resumes(tmp_path):
     assert subprocess.run(["pgrep", "-f", str(run)], capture_output=True, text=True).stdout.split() == []
     assert not (run / "stage1" / "hf").exists()
     r = subprocess.run(["bash", "train.sh", "tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = r.stdout + r.stderr
+    out = r.stdout + r.stderr  # a process left behind holding the pipe would time this out: none may outlive it
     assert r.returncode == 0, out[-3000:]
     assert "reusing" in out and "warmup: done, skipping" in out and "resumed from" in out
     steps = [json.loads(x)["step"] for x in (run / "stage1" / "log.jsonl").read_text().splitlines()]

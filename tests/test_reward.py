@@ -774,6 +774,19 @@ def test_score_batch_equals_loop_of_score_through_the_pool():
         score_batch(rows, responses, finish=finish[:-1])
 
 
+def test_close_pool_ends_its_workers_and_a_new_pool_starts():
+    """grpo.py leaves by os._exit on gloo: close_pool must end the workers, or they outlive the run."""
+    rows, responses, finish = mixed_batch()
+    cfg = replace(D, pool_min=2)
+    want = score_batch(rows, responses, cfg, workers=2, finish=finish)
+    workers = list(reward._pool[1]._processes.values())
+    assert workers and all(p.is_alive() for p in workers)
+    reward.close_pool()
+    assert reward._pool is None and not any(p.is_alive() for p in workers)
+    assert score_batch(rows, responses, cfg, workers=2, finish=finish) == want  # the next batch starts a new pool
+    assert reward._pool is not None
+
+
 def test_score_batch_from_a_worker_thread():
     rows, responses, finish = mixed_batch()
     want = [score(r, t, D, f) for r, t, f in zip(rows, responses, finish)]
