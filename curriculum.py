@@ -202,6 +202,13 @@ def filtered_inputs(cfg: Config, run: Path, raw: dict[str, str]) -> dict[str, st
     return kept_inputs(run, raw, keep)
 
 
+def balanced(items: list[dict]) -> list[dict]:
+    """The gold-yes items, then as many gold-no ones (each side cut to the smaller), in their order."""
+    sides = [[it for it in items if it["answers"][0].lower() == a] for a in ("yes", "no")]
+    n = min(map(len, sides))
+    return sides[0][:n] + sides[1][:n]
+
+
 def guessable(items: list[dict]) -> list[dict]:
     """The yes/no questions ("Were A and B born in the same country?"): in a world of two countries about half
     are yes, so a model that can only guess is right about half the time."""
@@ -223,9 +230,7 @@ def guessable_inputs(run: Path, raw: dict[str, str]) -> dict[str, str]:
     yes as with gold no: a policy that always says one of them then earns the same either way, so a rising reward
     is not a yes/no prior tilting toward the majority side."""
     def keep(src: str, items: list[dict]) -> tuple[list[dict], str]:
-        found = guessable(items)
-        sides = [[it for it in found if it["answers"][0].lower() == a] for a in ("yes", "no")]
-        kept = [near_docs(it) for side in sides for it in side[:min(map(len, sides))]]
+        kept = [near_docs(it) for it in balanced(guessable(items))]
         return kept, f"tiny: {src}: kept {len(kept)} yes/no questions of {len(items)} items, half of them yes"
 
     return kept_inputs(run, raw, keep)
@@ -328,9 +333,7 @@ def format_rows(cfg: Config, run: Path, tok) -> list[dict]:
     work = run / "format"
     raw = keychain.generate_raw(str(work / "raw"), n=120, seed=cfg.seed + 1, countries=2)
     items = [near_docs(it) for it in guessable(keychain.load_items(raw["hotpotqa"])[0])]
-    yes = [it for it in items if it["answers"][0].lower() == "yes"]
-    no = [it for it in items if it["answers"][0].lower() == "no"]
-    items = yes[:len(no)] + no[:len(yes)]
+    items = balanced(items)
     keychain.write_rows(work / "raw" / "guessable.jsonl", items)
     base = keychain.Config(input=str(work / "raw" / "guessable.jsonl"), format="items", max_tokens=cfg.max_tokens,
                            key_style=cfg.key_style, seed=cfg.seed + 1)
@@ -410,8 +413,7 @@ def heldout_rows(cfg: Config, run: Path, tok) -> list[dict]:
     rows = []
     for kind in ("qa", "keychain"):  # an item that does not fit L is dropped: balance again after
         got = keychain.synth(dataclasses.replace(base, kind=kind), tok)[0]
-        sides = [[r for r in got if r["answers"][0].lower() == a] for a in ("yes", "no")]
-        rows += [r for side in sides for r in side[:min(map(len, sides))]]
+        rows += balanced(got)
     for path, n in ((raw["mathqa"], per), (raw["dapo"], per // 2)):
         rows += keychain.synth(dataclasses.replace(base, input=path, format="auto", n=n), tok)[0]
     return rows + keychain.synth(dataclasses.replace(base, input="", kind="ruler", n=2), tok)[0]
